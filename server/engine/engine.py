@@ -1,0 +1,309 @@
+"""The step loop: one thread admits waiting requests, prefills them, and decodes every running
+sequence together, one token per step (continuous batching: requests join and leave at any step).
+
+Data path of one request through this file: ``submit`` -> waiting queue -> ``_admit`` (KV pages,
+adapter slot, prefix KV) -> ``_prefill`` -> ``_decode`` (repeated) -> ``_finish`` (pages freed,
+adapter released, FinishEvent emitted).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
+from server.engine.sampler import sample
+from server.engine.scheduler import PageAllocator, WaitingQueue
+from server.model.llama import PagedKVCache, StepInput
+
+log = logging.getLogger("adapterserve.engine")
+
+
+class Engine:
+    """Owns the KV cache and the running batch; all model work happens on its thread."""
+
+    def __init__(self, runtime, tokenizer, adapters, *, kv_cache_tokens: int, page_size: int,
+                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics=None):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.metrics = metrics
+        num_pages = max(1, kv_cache_tokens // page_size)
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.cache = PagedKVCache(runtime.args, num_pages, page_size, runtime.dtype, runtime.device)
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting = WaitingQueue(max_queue)
+        self.running: list[Request] = []
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ public, any thread
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.allocator.num_pages * self.allocator.page_size
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="adapterserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.waiting.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        """Queue a validated request; raises QueueFullError when --max-queue is reached."""
+        self.waiting.put(request)
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the engine thread between steps (adapter installs, merges, frees)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        self.waiting.wakeup.set()
+        return fut
+
+    def num_active(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._run_commands()
+            self._drop_cancelled()
+            admitted = self._admit()
+            if admitted:
+                self._guarded(self._prefill, admitted)
+            if self.running:
+                self._guarded(self._decode, list(self.running))
+            self._report()
+            if not self.running and not admitted:
+                self.waiting.wakeup.wait(0.05)
+                self.waiting.wakeup.clear()
+        for r in self.running + self.waiting.snapshot():
+            self._fail(r, "UNAVAILABLE", "server is shutting down")
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed back to the caller's thread
+                fut.set_exception(e)
+
+    def _guarded(self, step: Callable[[list[Request]], None], batch: list[Request]) -> None:
+        try:
+            step(batch)
+        except Exception as e:  # a broken step fails its rows, never the server
+            log.exception("engine step failed")
+            for r in batch:
+                if not r.finished:
+                    self._fail(r, "INTERNAL", f"engine step failed: {type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [r for r in self.waiting.snapshot() if r.cancelled.is_set()]
+        self.waiting.remove(cancelled)
+        for r in cancelled + [r for r in self.running if r.cancelled.is_set()]:
+            self._finish(r, FinishReason.CANCELLED)
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into the batch while KV pages, batch rows and adapter slots allow."""
+        admitted: list[Request] = []
+        room = self.max_batch_size - len(self.running)
+        for r in self.waiting.snapshot():
+            if room <= 0:
+                break
+            if r.adapter is not None and not self.adapters.activate(r.adapter):
+                continue  # every adapter slot is busy with running requests: wait, don't fail
+            pages = self.allocator.allocate(self.allocator.pages_for(r.total_tokens_needed))
+            if pages is None:
+                if r.adapter is not None:
+                    self.adapters.deactivate(r.adapter)
+                break  # FIFO on memory: later requests don't overtake a big one forever
+            r.pages = pages
+            r.admitted_at = time.perf_counter()
+            self._write_prefix(r)
+            admitted.append(r)
+            room -= 1
+        self.waiting.remove(admitted)
+        self.running.extend(admitted)
+        if self.metrics is not None:
+            for r in admitted:
+                self.metrics.observe_queue_wait(r.admitted_at - r.submitted_at)
+        return admitted
+
+    def _write_prefix(self, r: Request) -> None:
+        prefix = self.adapters.prefix_kv(r.adapter) if r.adapter is not None else None
+        r.prefix_len = r.cached = 0
+        if prefix is None:
+            return
+        keys, values = prefix  # [L, H_kv, n, D] each
+        n = keys.shape[2]
+        table = torch.tensor([r.pages], device=self.runtime.device)
+        slots = self.cache.slots(table, torch.arange(n, device=self.runtime.device)[None])[0]
+        self.cache.write_prefix(keys, values, slots)
+        r.prefix_len = r.cached = n
+
+    def _block_tables(self, batch: list[Request]) -> torch.Tensor:
+        width = max(len(r.pages) for r in batch)
+        rows = [r.pages + [r.pages[0]] * (width - len(r.pages)) for r in batch]
+        return torch.tensor(rows, dtype=torch.long, device=self.runtime.device)  # [B, P]
+
+    def _prefill(self, admitted: list[Request]) -> None:
+        # Split into chunks whose padded size fits --max-prefill-tokens (at least one request each).
+        admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
+        chunk: list[Request] = []
+        for r in admitted:
+            longest = max([len(x.prompt_ids) for x in chunk] + [len(r.prompt_ids)])
+            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
+                self._guarded(self._prefill_chunk, chunk)
+                chunk = []
+            chunk.append(r)
+        if chunk:
+            self._guarded(self._prefill_chunk, chunk)
+
+    def _prefill_chunk(self, batch: list[Request]) -> None:
+        t0 = time.perf_counter()
+        dev = self.runtime.device
+        seq = max(len(r.prompt_ids) for r in batch)
+        ids = torch.zeros((len(batch), seq), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        step = StepInput(
+            start=torch.tensor([r.cached for r in batch], device=dev),
+            lengths=torch.tensor([len(r.prompt_ids) for r in batch], device=dev),
+            block_tables=self._block_tables(batch),
+            input_ids=ids.to(dev),
+            lora=self.adapters.lora_delta([r.adapter for r in batch]),
+        )
+        logits = self.runtime.forward(step, self.cache)  # [B, V]
+        for r in batch:
+            r.cached += len(r.prompt_ids)
+        self._sample_and_emit(batch, logits)
+        if self.metrics is not None:
+            self.metrics.observe_step("prefill", len(batch), time.perf_counter() - t0)
+
+    def _decode(self, batch: list[Request]) -> None:
+        batch = [r for r in batch if not r.finished]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        dev = self.runtime.device
+        step = StepInput(
+            start=torch.tensor([r.cached for r in batch], device=dev),
+            lengths=torch.ones(len(batch), dtype=torch.long, device=dev),
+            block_tables=self._block_tables(batch),
+            input_ids=torch.tensor([[r.output_ids[-1]] for r in batch], device=dev),
+            lora=self.adapters.lora_delta([r.adapter for r in batch]),
+        )
+        logits = self.runtime.forward(step, self.cache)  # [B, V]
+        for r in batch:
+            r.cached += 1
+        self._sample_and_emit(batch, logits)
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.observe_step("decode", len(batch), time.perf_counter() - t0)
+
+    def _sample_and_emit(self, batch: list[Request], logits: torch.Tensor) -> None:
+        tokens, infos = sample(logits, batch)
+        now = time.perf_counter()
+        for r, tok, info in zip(batch, tokens, infos, strict=True):
+            if r.first_token_at is None:
+                r.first_token_at = now
+            r.output_ids.append(tok)
+            reason = None
+            if tok in self.tokenizer.eos_token_ids and not r.sampling.ignore_eos:
+                reason = FinishReason.EOS
+            delta_reason = self._detokenize(r)
+            reason = delta_reason or reason
+            if reason is None and len(r.output_ids) >= r.sampling.max_new_tokens:
+                reason = FinishReason.LENGTH
+            end = len(r.text) if reason is not None else len(r.text) - _held_back(r.text, r.sampling.stop)
+            text, r.sent_chars = r.text[r.sent_chars:end], max(r.sent_chars, end)
+            r.emit(TokenEvent(text, [tok], [info] if info is not None else []))
+            if reason is not None:
+                self._finish(r, reason)
+
+    def _detokenize(self, r: Request) -> FinishReason | None:
+        """Append newly complete text to r.text; cut at a stop string and return STOP if one matched."""
+        ids = r.output_ids
+        prefix_text = self.tokenizer.decode(ids[r.prefix_offset:r.read_offset])
+        new_text = self.tokenizer.decode(ids[r.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return None  # an incomplete UTF-8 sequence: wait for the next token
+        old_len = len(r.text)
+        r.text += new_text[len(prefix_text):]
+        r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        for s in r.sampling.stop:
+            pos = r.text.find(s, max(0, old_len - len(s) + 1))
+            if pos >= 0:
+                r.text = r.text[:pos]
+                return FinishReason.STOP
+        return None
+
+    def _finish(self, r: Request, reason: FinishReason) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self._release(r)
+        now = time.perf_counter()
+        admitted = r.admitted_at if r.admitted_at is not None else now
+        if reason == FinishReason.CANCELLED:
+            r.emit(ErrorEvent(r.cancel_reason, "request cancelled" if r.cancel_reason == "CANCELLED"
+                              else "deadline exceeded"))
+            return
+        r.emit(FinishEvent(
+            reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
+            queue_s=admitted - r.submitted_at,
+            ttft_s=None if r.first_token_at is None else r.first_token_at - r.submitted_at,
+            total_s=now - r.submitted_at,
+        ))
+
+    def _fail(self, r: Request, code: str, message: str) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self._release(r)
+        r.emit(ErrorEvent(code, message))
+
+    def _release(self, r: Request) -> None:
+        was_running = r in self.running
+        if was_running:
+            self.running.remove(r)
+        self.allocator.free(r.pages)
+        if r.adapter is not None:
+            if was_running:
+                self.adapters.deactivate(r.adapter)
+            self.adapters.release(r.adapter)
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(len(self.running), len(self.waiting))
+            self.metrics.set_kv_usage(self.allocator.usage())
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if s.startswith(text[-n:]):
+                held = n
+                break
+    return held

@@ -1,0 +1,112 @@
+"""A validated generation request as the engine sees it, and the events it emits back."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class FinishReason(str, Enum):
+    LENGTH = "LENGTH"
+    STOP = "STOP"
+    EOS = "EOS"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass
+class Sampling:
+    """Resolved per-request sampling settings (server defaults already applied)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class TokenEvent:
+    """New output since the previous event of this request."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class FinishEvent:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+@dataclass
+class ErrorEvent:
+    """The request failed inside the engine; `code` is a grpc.StatusCode name."""
+
+    code: str
+    message: str
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request, owned by the engine thread once submitted."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]  # called from the engine thread; must not block
+    adapter: Any = None  # server.adapters.registry.AdapterEntry or None (base model)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    # engine-side state
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    prefix_len: int = 0  # KV entries before the prompt (virtual tokens of a prompt/prefix adapter)
+    cached: int = 0  # tokens already in the KV cache (prefix included)
+    text: str = ""  # full decoded text so far (stop strings already cut)
+    sent_chars: int = 0  # how much of `text` has been emitted
+    read_offset: int = 0  # incremental detokenization offsets (into output_ids)
+    prefix_offset: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "CANCELLED"
+    rng: random.Random | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+        self.rng = random.Random(seed)
+
+    def cancel(self, reason: str = "CANCELLED") -> None:
+        """Thread-safe: ask the engine to stop this request at its next step."""
+        self.cancel_reason = reason
+        self.cancelled.set()
+
+    @property
+    def total_tokens_needed(self) -> int:
+        """KV entries this request may occupy: prefix + prompt + every new token."""
+        return self.prefix_len + len(self.prompt_ids) + self.sampling.max_new_tokens

@@ -1,0 +1,164 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+One forward serves a whole batch step: B sequences, each adding 1..S new tokens on top of what
+its pages already hold (a prompt at prefill, one token at decode, virtual tokens when a prompt
+adapter is precomputed). Rows can carry different LoRA adapters (``lora``) and different KV
+prefixes (already written into their pages by the engine). The rotary position of a token is its
+index in the sequence's cache, so a prefix of n entries shifts the real tokens to n, n+1, ...
+exactly as PEFT's prompt-learning forward does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from server.model.config import ModelArgs
+from server.model.weights import ModelWeights
+
+
+class LoraDelta(Protocol):
+    """Per-row low-rank corrections for one step (see server.adapters.lora_batch)."""
+
+    def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        """x [B, S, in] -> the LoRA contribution [B, S, out] for `module` of `layer`, or None."""
+
+
+@dataclass
+class StepInput:
+    """What one forward call processes; every tensor is on the model's device."""
+
+    start: torch.Tensor  # [B] int64: cache index of each row's first new token
+    lengths: torch.Tensor  # [B] int64: new tokens per row (1..S); padding beyond is ignored
+    block_tables: torch.Tensor  # [B, P] int64: page ids of each row (padded with any valid page)
+    input_ids: torch.Tensor | None = None  # [B, S] int64
+    input_embeds: torch.Tensor | None = None  # [B, S, hidden]
+    lora: LoraDelta | None = None
+
+
+class PagedKVCache:
+    """Fixed-size K/V storage: per layer [num_pages * page_size, H_kv, D]; pages are handed out by the engine."""
+
+    def __init__(self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: str):
+        self.page_size = page_size
+        self.num_pages = num_pages
+        shape = (num_pages * page_size, args.num_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
+
+    def slots(self, block_tables: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Flat slot of cache index `index` [B, T] for rows with `block_tables` [B, P] -> [B, T]."""
+        page = torch.gather(block_tables, 1, torch.div(index, self.page_size, rounding_mode="floor"))
+        return page * self.page_size + index % self.page_size
+
+    def write_prefix(self, layer_keys: torch.Tensor, layer_values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy a prefix [L, H_kv, n, D] into flat `slots` [n] of every layer."""
+        for layer in range(len(self.k)):
+            self.k[layer][slots] = layer_keys[layer].transpose(0, 1).to(self.k[layer].dtype)  # [n, H_kv, D]
+            self.v[layer][slots] = layer_values[layer].transpose(0, 1).to(self.v[layer].dtype)
+
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [L, H_kv, n, D] at flat `slots` [n] (used to capture a prompt adapter's prefix)."""
+        k = torch.stack([c[slots].transpose(0, 1) for c in self.k])
+        v = torch.stack([c[slots].transpose(0, 1) for c in self.v])
+        return k, v
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like transformers, returned in x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaRuntime:
+    """The forward pass. Weights are frozen tensors; merge-on-load edits them in place (see adapters)."""
+
+    def __init__(self, args: ModelArgs, weights: ModelWeights, device: str, dtype: torch.dtype):
+        self.args = args
+        self.w = weights
+        self.device = device
+        self.dtype = dtype
+        d = args.head_dim
+        inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        pos = torch.arange(args.max_position_embeddings + 1024, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos = emb.cos().to(device=device, dtype=dtype)
+        self.sin = emb.sin().to(device=device, dtype=dtype)
+        q, kv = args.num_heads * d, args.num_kv_heads * d
+        self.qkv_slices = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+        inter = args.intermediate_size
+        self.gate_up_slices = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter)}
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run one batch step; return logits [B, V] (float32) at each row's last new token,
+        or [B, S, V] for every position when `all_logits`."""
+        a, w = self.args, self.w
+        x = w.embed[step.input_ids] if step.input_embeds is None else step.input_embeds.to(self.dtype)  # [B, S, H]
+        bsz, seq = x.shape[:2]
+        offs = torch.arange(seq, device=x.device)
+        q_index = step.start[:, None] + offs[None, :]  # [B, S] cache index = rotary position of each new token
+        valid = offs[None, :] < step.lengths[:, None]  # [B, S]
+        cos, sin = self.cos[q_index][:, None], self.sin[q_index][:, None]  # [B, 1, S, D]
+        write_slots = cache.slots(step.block_tables, q_index)[valid]  # [N_valid]
+        kv_len = step.start + step.lengths  # [B]
+        t_max = int(kv_len.max())
+        k_index = torch.arange(t_max, device=x.device)  # [T]
+        read_slots = cache.slots(step.block_tables, k_index.expand(bsz, t_max))  # [B, T]
+        mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
+        mask = mask[:, None]  # [B, 1, S, T]
+        lora = step.lora
+        for i, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [B, S, q + 2kv]
+            if lora is not None:
+                for name, sl in self.qkv_slices.items():
+                    d = lora.delta(i, name, h)
+                    if d is not None:
+                        qkv[..., sl] += d
+            q = qkv[..., self.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
+            k = qkv[..., self.qkv_slices["k_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            v = qkv[..., self.qkv_slices["v_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim)  # [B, S, Hkv, D]
+            q = q * cos + rotate_half(q) * sin  # [B, H, S, D]
+            k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, S, Hkv, D]
+            cache.k[i][write_slots] = k[valid]
+            cache.v[i][write_slots] = v[valid]
+            keys = cache.k[i][read_slots].transpose(1, 2)  # [B, Hkv, T, D]
+            values = cache.v[i][read_slots].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, S, D]
+            attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
+            out = F.linear(attn, layer.wo, layer.bo)
+            if lora is not None:
+                d = lora.delta(i, "o_proj", attn)
+                if d is not None:
+                    out += d
+            x = x + out
+            h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
+            gate_up = F.linear(h, layer.w_gate_up)  # [B, S, 2*inter]
+            if lora is not None:
+                for name, sl in self.gate_up_slices.items():
+                    d = lora.delta(i, name, h)
+                    if d is not None:
+                        gate_up[..., sl] += d
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # [B, S, inter]
+            down = F.linear(act, layer.w_down)
+            if lora is not None:
+                d = lora.delta(i, "down_proj", act)
+                if d is not None:
+                    down += d
+            x = x + down
+        if all_logits:
+            return F.linear(rms_norm(x, w.norm, a.rms_norm_eps), w.lm_head).float()  # [B, S, V]
+        last = x[torch.arange(bsz, device=x.device), step.lengths - 1]  # [B, H]
+        return F.linear(rms_norm(last, w.norm, a.rms_norm_eps), w.lm_head).float()  # [B, V]
