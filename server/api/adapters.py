@@ -1,0 +1,82 @@
+"""AdapterService: register / unregister / list / get adapters while the server runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.adapters.formats import (
+    AdapterLimits,
+    load_adapter_dir,
+    load_adapter_files,
+    resolve_adapter_path,
+    validate_adapter_id,
+)
+from server.adapters.registry import AdapterEntry, AdapterManager
+from server.api.errors import error_message, status_for
+
+log = logging.getLogger("adapterserve.api")
+
+
+def adapter_message(e: AdapterEntry) -> pb.Adapter:
+    s = e.spec
+    return pb.Adapter(
+        adapter_id=e.adapter_id, type=pb.AdapterType.Value(s.kind.value), rank=s.rank,
+        num_virtual_tokens=s.num_virtual_tokens, target_modules=s.target_modules, size_bytes=s.size_bytes,
+        state=pb.AdapterState.Value(e.state.value), pinned=e.pinned, merged=e.merged, load_ms=e.load_ms,
+        base_model=s.base_model, active_requests=max(0, e.refs),
+    )
+
+
+class AdapterServicer(pb_grpc.AdapterServiceServicer):
+    def __init__(self, manager: AdapterManager, model_args, adapter_root: str, limits: AdapterLimits):
+        self.manager = manager
+        self.model_args = model_args
+        self.adapter_root = adapter_root
+        self.limits = limits
+
+    async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context):
+        return await self._call(context, self.register_blocking, request)
+
+    async def UnregisterAdapter(self, request: pb.UnregisterAdapterRequest, context):
+        entry = await self._call(context, self.manager.unregister, request.adapter_id)
+        return pb.UnregisterAdapterResponse(adapter_id=entry.adapter_id)
+
+    async def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[adapter_message(e) for e in self.manager.list()])
+
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context):
+        return await self._call(context, lambda: adapter_message(self.manager.get(request.adapter_id)))
+
+    def register_blocking(self, request: pb.RegisterAdapterRequest) -> pb.Adapter:
+        """Parse, validate and install (runs in a worker thread: file I/O and the engine round trip)."""
+        validate_adapter_id(request.adapter_id)
+        source = request.WhichOneof("source")
+        if source == "path":
+            folder = resolve_adapter_path(self.adapter_root, request.path)
+            spec = load_adapter_dir(folder, self.model_args, self.limits)
+        elif source == "files":
+            spec = load_adapter_files(request.files.config_json, request.files.safetensors, self.model_args, self.limits)
+        else:
+            from server.api.errors import InvalidRequestError
+
+            raise InvalidRequestError("source: give path or files")
+        entry = self.manager.register(request.adapter_id, spec, merge=request.merge, pin=request.pin,
+                                      replace=request.replace)
+        log.info("registered adapter %s (%s, %d bytes) in %.1f ms", entry.adapter_id, spec.kind.value,
+                 spec.size_bytes, entry.load_ms)
+        return adapter_message(entry)
+
+    async def _call(self, context, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except Exception as e:
+            code = status_for(e)
+            if code is None:
+                log.exception("adapter operation failed")
+                code = grpc.StatusCode.INTERNAL
+            await context.abort(code, error_message(e))

@@ -1,0 +1,189 @@
+"""GenerationService: validate, submit to the engine, relay its events as responses.
+
+Every request ends in exactly one status, recorded in metrics and in one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.api.errors import error_message, status_for
+from server.api.validation import Limits, prompt_ids, sampling
+from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
+from server.request_log import log_request
+
+log = logging.getLogger("adapterserve.api")
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Outcome:
+    """What the request log and metrics need, filled in as the request progresses."""
+
+    def __init__(self, request_id: str, adapter_id: str):
+        self.request_id = request_id
+        self.adapter_id = adapter_id
+        self.status = "OK"
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish: FinishEvent | None = None
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.error = ""
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, engine, adapters, tokenizer, limits: Limits, model_info: pb.ModelInfo, metrics=None):
+        self.engine = engine
+        self.adapters = adapters
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.model_info = model_info
+        self.metrics = metrics
+
+    async def GetModelInfo(self, request, context):
+        return self.model_info
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        out = pb.GenerateResponse(adapter_id=request.adapter_id)
+        async for event, outcome in self._run(request, context):
+            if isinstance(event, TokenEvent):
+                out.text += event.text
+                out.token_ids.extend(event.token_ids)
+                out.logprobs.extend(self._logprobs(event))
+            else:
+                out.finish_reason = pb.FinishReason.Value(event.reason.value)
+                out.usage.CopyFrom(pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+                out.timings.CopyFrom(_timings(event))
+                out.request_id = outcome.request_id
+        return out
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        async for event, outcome in self._run(request, context):
+            if isinstance(event, TokenEvent):
+                yield pb.GenerateStreamResponse(
+                    text=event.text, token_ids=event.token_ids, logprobs=self._logprobs(event),
+                    request_id=outcome.request_id, adapter_id=request.adapter_id)
+            else:
+                yield pb.GenerateStreamResponse(
+                    finish_reason=pb.FinishReason.Value(event.reason.value),
+                    usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    timings=_timings(event), request_id=outcome.request_id, adapter_id=request.adapter_id)
+
+    # ------------------------------------------------------------------ the request's life
+    async def _run(self, request: pb.GenerateRequest, context):
+        """Yield (event, outcome) pairs: TokenEvents then one FinishEvent; abort with a status otherwise."""
+        outcome = _Outcome(request.request_id or uuid.uuid4().hex, request.adapter_id)
+        req: Request | None = None
+        try:
+            req = self._build(request, outcome)
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+            self._submit(req)
+            deadline = context.time_remaining()
+            stop_at = None if deadline is None else time.monotonic() + deadline
+            while True:
+                timeout = None if stop_at is None else max(0.0, stop_at - time.monotonic())
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    req.cancel("DEADLINE_EXCEEDED")
+                    raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                if isinstance(event, ErrorEvent):
+                    raise RequestFailed(getattr(grpc.StatusCode, event.code), event.message)
+                if isinstance(event, TokenEvent):
+                    outcome.completion_tokens += len(event.token_ids)
+                    if outcome.first_token_s is None:
+                        outcome.first_token_s = time.perf_counter() - outcome.started
+                else:
+                    outcome.finish = event
+                yield event, outcome
+                if isinstance(event, FinishEvent):
+                    return
+        except RequestFailed as e:
+            outcome.status, outcome.error = e.code.name, e.message
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            outcome.status = "CANCELLED"
+            if req is not None:
+                req.cancel("CANCELLED")
+            raise
+        except GeneratorExit:  # the stream's consumer went away
+            outcome.status = "CANCELLED"
+            if req is not None:
+                req.cancel("CANCELLED")
+            raise
+        finally:
+            self._record(outcome)
+
+    def _build(self, request: pb.GenerateRequest, outcome: _Outcome) -> Request:
+        entry = None
+        try:
+            if request.adapter_id:
+                try:
+                    entry = self.adapters.acquire(request.adapter_id)
+                except LookupError as e:
+                    raise RequestFailed(grpc.StatusCode.NOT_FOUND, error_message(e)) from e
+            prefix_len = entry.spec.num_virtual_tokens if entry is not None else 0
+            try:
+                ids = prompt_ids(request, self.tokenizer, self.limits.vocab_size)
+                outcome.prompt_tokens = len(ids)
+                params = sampling(request, len(ids), prefix_len, self.limits)
+            except ValueError as e:
+                raise RequestFailed(status_for(e) or grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            return Request(request_id=outcome.request_id, prompt_ids=ids, sampling=params,
+                           emit=lambda ev: None, adapter=entry)
+        except RequestFailed:
+            if entry is not None:
+                self.adapters.release(entry)
+            raise
+
+    def _submit(self, req: Request) -> None:
+        try:
+            self.engine.submit(req)
+        except Exception as e:
+            if req.adapter is not None:
+                self.adapters.release(req.adapter)
+            code = status_for(e) or grpc.StatusCode.INTERNAL
+            raise RequestFailed(code, error_message(e)) from e
+
+    def _logprobs(self, event: TokenEvent) -> list[pb.TokenLogprob]:
+        tok = self.tokenizer.token_text
+        return [
+            pb.TokenLogprob(token_id=lp.token_id, token=tok(lp.token_id), logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, token=tok(t), logprob=v) for t, v in lp.top])
+            for lp in event.logprobs
+        ]
+
+    def _record(self, o: _Outcome) -> None:
+        total = time.perf_counter() - o.started
+        f = o.finish
+        ttft = f.ttft_s if f is not None else o.first_token_s
+        tpot = None
+        if f is not None and f.ttft_s is not None and f.completion_tokens > 1:
+            tpot = (f.total_s - f.ttft_s) / (f.completion_tokens - 1)
+        if self.metrics is not None:
+            self.metrics.request_finished(o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
+                                          total_s=f.total_s if f else total, ttft_s=ttft, tpot_s=tpot)
+        log_request(o.request_id, o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
+                    queue_ms=None if f is None else f.queue_s * 1000, ttft_ms=None if ttft is None else ttft * 1000,
+                    total_ms=total * 1000, finish_reason=None if f is None else f.reason.value,
+                    error=o.error or None)
+
+
+def _timings(ev: FinishEvent) -> pb.Timings:
+    return pb.Timings(queue_ms=ev.queue_s * 1000, time_to_first_token_ms=(ev.ttft_s or 0.0) * 1000,
+                      total_ms=ev.total_s * 1000)

@@ -1,0 +1,188 @@
+"""Wire config -> model -> engine -> adapters -> gRPC + metrics, and run it.
+
+`ServerApp(cfg).start()` runs the whole server on a background thread (tests, benchmarks);
+`serve(cfg)` runs it in the foreground with SIGTERM/SIGINT handling (python -m server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from importlib import metadata
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.adapters.formats import AdapterLimits
+from server.adapters.registry import AdapterManager
+from server.api.adapters import AdapterServicer
+from server.api.generation import GenerationServicer
+from server.api.security import add_listen_port, server_interceptors
+from server.api.validation import MAX_TOP_LOGPROBS, Limits
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.metrics import ServerMetrics
+from server.model.loader import LoadedModel, load_model
+
+log = logging.getLogger("adapterserve")
+
+SERVICE_NAMES = ("adapterserve.v1.GenerationService", "adapterserve.v1.AdapterService")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("adapterserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ServerApp:
+    """One server: model, engine thread, adapter manager, gRPC server, metrics listener."""
+
+    def __init__(self, cfg: ServerConfig, model: LoadedModel | None = None):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        self.model = model or load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir or None)
+        args = self.model.args
+        self.max_context = min(cfg.max_context or args.max_position_embeddings, args.max_position_embeddings)
+        self.metrics = ServerMetrics(cfg.metrics_max_adapter_labels, build_info={
+            "version": _version(), "model": self.model.name, "device": cfg.device, "dtype": cfg.dtype})
+        self.engine = Engine(
+            self.model.runtime, self.model.tokenizer, None, kv_cache_tokens=cfg.kv_cache_tokens,
+            page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+            max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics)
+        self.adapters = AdapterManager(self.model.runtime, self.engine.call, max_resident=cfg.max_resident_adapters,
+                                       memory_bytes=cfg.adapter_memory_bytes, metrics=self.metrics)
+        self.engine.adapters = self.adapters
+        self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: HealthServicer | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ building
+    def model_info(self) -> pb.ModelInfo:
+        a, c = self.model.args, self.cfg
+        return pb.ModelInfo(
+            name=self.model.name, architecture=a.architecture, vocab_size=self.model.tokenizer.vocab_size,
+            max_context=self.max_context, dtype=c.dtype, device=c.device, num_layers=a.num_layers,
+            hidden_size=a.hidden_size, version=_version(),
+            limits=pb.Limits(
+                max_context_tokens=self.max_context, kv_cache_tokens=self.engine.kv_capacity_tokens,
+                max_batch_size=c.max_batch_size, max_queue=c.max_queue, default_max_new_tokens=c.default_max_new_tokens,
+                max_top_logprobs=MAX_TOP_LOGPROBS, max_lora_rank=c.max_lora_rank,
+                max_virtual_tokens=c.max_virtual_tokens, max_resident_adapters=c.max_resident_adapters),
+        )
+
+    def _preload(self, servicer: AdapterServicer) -> None:
+        for item in self.cfg.preload:
+            adapter_id, path = item.split("=", 1)
+            servicer.register_blocking(pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path))
+
+    async def _serve(self) -> None:
+        cfg = self.cfg
+        opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes)]
+        server = grpc.aio.server(interceptors=server_interceptors(cfg), options=opts)
+        limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
+                        default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size)
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
+            self.engine, self.adapters, self.model.tokenizer, limits, self.model_info(), self.metrics), server)
+        adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root, self.adapter_limits)
+        pb_grpc.add_AdapterServiceServicer_to_server(adapter_servicer, server)
+        self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        self.port = add_listen_port(server, f"{cfg.host}:{cfg.port}", cfg)
+        self.engine.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._preload, adapter_servicer)
+        await server.start()
+        if cfg.metrics_port:
+            self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self._stopped = asyncio.Event()
+        log.info("serving %s on %s:%d (metrics on :%s)", self.model.name, cfg.host, self.port, self.metrics_port)
+        self._ready.set()
+        await self._stopped.wait()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`, stop the engine."""
+        grace = self.cfg.grace_seconds if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.engine.stop()
+        self.metrics.stop_http()
+        if self._stopped is not None:
+            self._stopped.set()
+
+    # ------------------------------------------------------------------ running
+    def start(self, timeout: float = 120.0) -> ServerApp:
+        """Run on a background thread; return once the gRPC port accepts requests."""
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._serve())
+            except BaseException as e:  # surfaced to start()'s caller
+                self._error = e
+                self._ready.set()
+            finally:
+                self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="adapterserve-grpc", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.shutdown(grace), self._loop).result(grace + 60)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def target(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Foreground server for `python -m server`; returns the exit code (0 after a clean SIGTERM)."""
+    app = ServerApp(cfg)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.create_task(app._serve())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if serving in done:
+            serving.result()  # startup failed: raise
+            return
+        log.info("signal received: NOT_SERVING, draining in-flight requests (grace %.0fs)", cfg.grace_seconds)
+        await app.shutdown()
+        await serving
+        log.info("stopped")
+
+    asyncio.run(main())
+    return 0
