@@ -22,7 +22,9 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, *args: str, threads: int = 0):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--metrics-port", "0", *args]
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), *args]
+        if "--metrics-port" not in args:
+            cmd += ["--metrics-port", "0"]
         if threads:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

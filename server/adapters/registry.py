@@ -22,7 +22,7 @@ from enum import Enum
 import torch
 
 from server.adapters.formats import AdapterKind, AdapterSpec, LoraWeights, PrefixWeights, PromptWeights
-from server.adapters.lora_batch import LoraBatch, LoraSlots, MergedCorrection
+from server.adapters.lora_batch import GROUP_OF, LoraBatch, LoraSlots, MergedCorrection, pack_group
 from server.model.llama import PagedKVCache, StepInput
 
 log = logging.getLogger("adapterserve.adapters")
@@ -293,8 +293,10 @@ class AdapterManager:
             self._merged_backup[(layer, name)] = weight[rows].clone()
             delta = (m.b.double() @ m.a.double()) * m.scale  # [out, in]
             weight[rows] += delta.to(weight.dtype)
-            self._merged_modules[(layer, name)] = (
-                m.a.t().contiguous().to(rt.device, rt.dtype), (m.b * m.scale).t().contiguous().to(rt.device, rt.dtype))
+        rank = max(m.a.shape[0] for m in lw.modules.values())
+        for layer, group in {(layer, GROUP_OF[name]) for layer, name in lw.modules}:
+            self._merged_modules[(layer, group)] = pack_group(rt.args, group, lw.modules, layer, rank, rt.device,
+                                                              rt.dtype)
         entry.merged = True
         self.merged_entry = entry
         self._lru[entry.key] = entry

@@ -23,8 +23,9 @@ from server.model.weights import ModelWeights
 class LoraDelta(Protocol):
     """Per-row low-rank corrections for one step (see server.adapters.lora_batch)."""
 
-    def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        """x [B, S, in] -> the LoRA contribution [B, S, out] for `module` of `layer`, or None."""
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the LoRA contribution of input x [B, S, in] to the fused projection output
+        out [B, S, out] of `group` ("qkv", "o", "gate_up" or "down") of `layer`, in place."""
 
 
 @dataclass
@@ -122,10 +123,7 @@ class LlamaRuntime:
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [B, S, q + 2kv]
             if lora is not None:
-                for name, sl in self.qkv_slices.items():
-                    d = lora.delta(i, name, h)
-                    if d is not None:
-                        qkv[..., sl] += d
+                lora.apply(i, "qkv", h, qkv)
             q = qkv[..., self.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
             k = qkv[..., self.qkv_slices["k_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim).transpose(1, 2)
             v = qkv[..., self.qkv_slices["v_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim)  # [B, S, Hkv, D]
@@ -139,24 +137,17 @@ class LlamaRuntime:
             attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
             out = F.linear(attn, layer.wo, layer.bo)
             if lora is not None:
-                d = lora.delta(i, "o_proj", attn)
-                if d is not None:
-                    out += d
+                lora.apply(i, "o", attn, out)
             x = x + out
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
             gate_up = F.linear(h, layer.w_gate_up)  # [B, S, 2*inter]
             if lora is not None:
-                for name, sl in self.gate_up_slices.items():
-                    d = lora.delta(i, name, h)
-                    if d is not None:
-                        gate_up[..., sl] += d
+                lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [B, S, inter]
             down = F.linear(act, layer.w_down)
             if lora is not None:
-                d = lora.delta(i, "down_proj", act)
-                if d is not None:
-                    down += d
+                lora.apply(i, "down", act, down)
             x = x + down
         if all_logits:
             return F.linear(rms_norm(x, w.norm, a.rms_norm_eps), w.lm_head).float()  # [B, S, V]

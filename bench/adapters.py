@@ -1,0 +1,180 @@
+"""Multi-adapter benchmark: adapterserve's mixed batches vs PEFT, baselines in the same run.
+
+    python -m bench.adapters --requests 32 --max-new-tokens 64 --repeats 2
+
+Builds rank-16 LoRA adapters on every linear layer of the model (plus prompt-tuning and prefix
+adapters) in PEFT's format, serves them, and reports throughput ratios:
+server with 8 LoRA adapters / the same server base-only; / PEFT mixed-batch generate(adapter_names=);
+/ PEFT set_adapter + generate per request; a merged adapter / base; register latency; 1 -> 8 -> 64 adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from bench.load import markdown_table, run_load
+from bench.server_process import ServerProcess
+from bench.serving import chat_prompts
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_adapters(folder: Path, out: Path, n_lora: int, n_prompt: int, n_prefix: int, rank: int) -> list[str]:
+    """Write adapters in PEFT's own format; one of each kind made by PEFT, the rest re-randomized copies."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    made = []
+    kinds = [("lora", n_lora, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEAR, task_type="CAUSAL_LM")),
+             ("prompt", n_prompt, PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")),
+             ("prefix", n_prefix, PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"))]
+    for kind, count, cfg in kinds:
+        if count == 0:
+            continue
+        template = out / f"{kind}-0"
+        model = get_peft_model(base, cfg)
+        model.save_pretrained(template, safe_serialization=True)
+        base = model.unload() if kind == "lora" else model.base_model
+        tensors = load_file(str(template / "adapter_model.safetensors"))
+        for i in range(count):
+            gen = torch.Generator().manual_seed(1000 * len(made) + i)
+            target = out / f"{kind}-{i}"
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
+            save_file({k: torch.randn(v.shape, generator=gen) * (0.02 if kind == "lora" else 0.5)
+                       for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
+            made.append(target.name)
+    return made
+
+
+def register(target: str, adapter_id: str, path: str, merge: bool = False) -> float:
+    with grpc.insecure_channel(target) as ch:
+        t0 = time.perf_counter()
+        pb_grpc.AdapterServiceStub(ch).RegisterAdapter(
+            pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path, merge=merge), timeout=120)
+        return (time.perf_counter() - t0) * 1000
+
+
+def unregister(target: str, adapter_id: str) -> None:
+    with grpc.insecure_channel(target) as ch:
+        pb_grpc.AdapterServiceStub(ch).UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id))
+
+
+def load(target, prompts, adapters, max_new, repeats):
+    runs = [asyncio.run(run_load(target, prompts, adapters, max_new, len(prompts))) for _ in range(repeats)]
+    assert all(r.errors == 0 for r in runs), [r.errors for r in runs]
+    return statistics.median(r.tokens_per_s for r in runs)
+
+
+def peft_baselines(folder: Path, root: Path, names: list[str], prompts: list[str], max_new: int,
+                   sequential_requests: int) -> tuple[float, float]:
+    """(mixed-batch generate(adapter_names=) tok/s, set_adapter + generate per request tok/s)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(root / n, adapter_name=n)
+    model.eval()
+    row_adapters = [names[i % len(names)] for i in range(len(prompts))]
+    with torch.inference_mode():
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        t0 = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                             adapter_names=row_adapters)
+        mixed = (out.shape[1] - batch.input_ids.shape[1]) * len(prompts) / (time.perf_counter() - t0)
+        t0, tokens = time.perf_counter(), 0
+        for i in range(sequential_requests):
+            model.set_adapter(row_adapters[i])
+            ids = tok(prompts[i], return_tensors="pt", add_special_tokens=False)
+            o = model.generate(**ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+            tokens += o.shape[1] - ids.input_ids.shape[1]
+        per_request = tokens / (time.perf_counter() - t0)
+    return mixed, per_request
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--scaling", default="1,8,64", help="adapter counts for the scaling rows")
+    ap.add_argument("--sequential-requests", type=int, default=4, help="requests timed for the per-request baseline")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from server.model.loader import resolve_model_folder
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    _, folder = resolve_model_folder(args.model)
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(folder), args.requests)
+    scaling = [int(x) for x in args.scaling.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
+    n_lora = max(8, *scaling)
+    names = build_adapters(folder, root, n_lora, 4, 4, args.rank)
+    loras = [n for n in names if n.startswith("lora")]
+    others = [n for n in names if not n.startswith("lora")]
+
+    server = ServerProcess("--model", args.model, "--adapter-root", str(root), "--max-batch-size",
+                           str(args.requests), "--max-resident-adapters", str(n_lora + 8),
+                           "--log-level", "WARNING", threads=threads)
+    results: dict[str, float] = {}
+    try:
+        reg_ms = [register(server.target, n, n) for n in loras + others]
+        results["register p50 ms (rank-16 LoRA)"] = statistics.median(reg_ms[:len(loras)])
+        asyncio.run(run_load(server.target, prompts[:4], ["", loras[0]], 4, 4))  # warm-up
+        results["base only"] = load(server.target, prompts, [""], args.max_new_tokens, args.repeats)
+        results["8 LoRA"] = load(server.target, prompts, loras[:8], args.max_new_tokens, args.repeats)
+        results["8 LoRA + 4 prompt + 4 prefix"] = load(server.target, prompts, loras[:8] + others,
+                                                       args.max_new_tokens, args.repeats)
+        for n in scaling:
+            results[f"{n} LoRA adapters"] = load(server.target, prompts, loras[:n], args.max_new_tokens, args.repeats)
+        unregister(server.target, loras[0])
+        register(server.target, loras[0], loras[0], merge=True)
+        results["merged adapter only"] = load(server.target, prompts, [loras[0]], args.max_new_tokens, args.repeats)
+        results["base only (merge active)"] = load(server.target, prompts, [""], args.max_new_tokens, args.repeats)
+    finally:
+        server.stop()
+    mixed, per_request = peft_baselines(folder, root, loras[:8], prompts, args.max_new_tokens,
+                                        args.sequential_requests)
+    base = results["base only"]
+    rows = [{"load": k, "tok/s": round(v, 1), "vs server base-only": f"{v / base:.2f}x"}
+            for k, v in results.items() if not k.startswith("register")]
+    rows.append({"load": "PEFT generate(adapter_names=...), 8 LoRA", "tok/s": round(mixed, 1),
+                 "vs server base-only": f"{mixed / base:.2f}x"})
+    rows.append({"load": "PEFT set_adapter + generate per request", "tok/s": round(per_request, 1),
+                 "vs server base-only": f"{per_request / base:.2f}x"})
+    print(f"\n{args.requests} concurrent greedy requests x {args.max_new_tokens} new tokens, model={args.model}, "
+          f"LoRA rank {args.rank} on {', '.join(LINEAR)}, torch threads={threads}, medians of {args.repeats}\n")
+    print(markdown_table(rows))
+    lora8 = results["8 LoRA"]
+    print(f"\n8 LoRA / base-only: {lora8 / base:.2f}x   8 LoRA / PEFT mixed batch: {lora8 / mixed:.2f}x   "
+          f"8 LoRA / PEFT per request: {lora8 / per_request:.2f}x")
+    print(f"merged adapter / base: {results['merged adapter only'] / base:.2f}x   "
+          f"register rank-{args.rank} LoRA p50: {results['register p50 ms (rank-16 LoRA)']:.1f} ms")
+    print(json.dumps({k: round(v, 2) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
