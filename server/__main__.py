@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# OpenMP threads that spin between matmuls steal the cores the gRPC threads need on small CPU
+# machines; set before torch loads OpenMP (measured: +5-10% tokens/s at 16 streams on 2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:

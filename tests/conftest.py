@@ -30,3 +30,11 @@ def tiny_model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory):
     return tiny_model_factory("llama")
+
+
+@pytest.fixture
+def start_server():
+    """start_server(model_dir, **config) -> tests.serving.Running (real server on free ports); stopped at teardown."""
+    from tests.serving import start_server_fixture
+
+    yield from start_server_fixture()

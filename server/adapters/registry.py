@@ -229,14 +229,15 @@ class AdapterManager:
         emb = w.embeddings  # [n, hidden]
         n = emb.shape[0]
         cache = PagedKVCache(self.runtime.args, 1, n, self.runtime.dtype, self.runtime.device)
+        dev = self.runtime.device
         step = StepInput(
-            start=torch.zeros(1, dtype=torch.long), lengths=torch.tensor([n]),
-            block_tables=torch.zeros((1, 1), dtype=torch.long),
-            input_embeds=emb[None].to(self.runtime.device),
+            start=torch.zeros(1, dtype=torch.long, device=dev), lengths=torch.tensor([n], device=dev),
+            block_tables=torch.zeros((1, 1), dtype=torch.long, device=dev),
+            input_embeds=emb[None].to(dev),
             lora=self.lora_delta([None]),  # undoes a merged adapter, if any
         )
         self.runtime.forward(step, cache)
-        k, v = cache.read(torch.arange(n))  # [L, H_kv, n, D]
+        k, v = cache.read(torch.arange(n, device=dev))  # [L, H_kv, n, D]
         return k.cpu(), v.cpu()
 
     def _resident_bytes(self) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.peft_reference import make_peft_adapter, peft_greedy_reference
-from tests.server.conftest import make_request
+from tests.serving import make_request
 
 KINDS = ["lora", "prompt", "ptuning", "prefix"]
 N_NEW = 8
@@ -237,22 +237,23 @@ def test_register_errors(server, name, fields, code, fragment):
 
 
 def test_duplicate_unknown_and_limits(start_server, tiny_llama, adapter_root):
-    srv = start_server(tiny_llama, adapter_root=str(adapter_root), max_lora_rank=4, max_virtual_tokens=4)
+    srv = start_server(tiny_llama, adapter_root=str(adapter_root), max_lora_rank=4, max_virtual_tokens=3)
     register(srv, "lora2")  # rank 4: allowed
     with pytest.raises(grpc.RpcError) as err:
         register(srv, "lora2")
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.RpcError) as err:
-        register(srv, "lora")  # rank 8 > 4
+        register(srv, "lora3")  # rank 8 > 4
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_lora_rank" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        register(srv, "prompt")
+        register(srv, "prompt")  # 4 virtual tokens > 3
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_virtual_tokens" in err.value.details()
-    for rpc in (srv.adapters.UnregisterAdapter, srv.adapters.GetAdapter):
-        with pytest.raises(grpc.RpcError) as err:
-            rpc(pb.UnregisterAdapterRequest(adapter_id="ghost") if rpc == srv.adapters.UnregisterAdapter
-                else pb.GetAdapterRequest(adapter_id="ghost"))
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        srv.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="ghost"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        srv.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id="ghost"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_bad_files_never_disturb_the_server(server, adapter_root, tmp_path, references):

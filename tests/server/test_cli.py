@@ -108,3 +108,9 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and 'ENTRYPOINT ["python", "-m", "server"]' in text
+
+
+def test_readme_documents_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(ServerConfig) if f"`--{f.name.replace('_', '-')}`" not in readme]
+    assert not missing, f"README lacks flags: {missing}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapterserve.v1 import adapterserve_pb2 as pb
-from tests.server.conftest import make_request
+from tests.serving import make_request
 
 PROMPTS = ["the quick brown fox", "hello world, this is", "prompt tuning and prefix", "Write a haiku about",
            "0123456789 + -", "low rank adaptation keeps"]

@@ -1,9 +1,8 @@
-"""Fixtures that run a real adapterserve server in-process on free ports."""
+"""Run a real adapterserve server in-process on free ports (the `start_server` fixture lives in conftest)."""
 
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
@@ -41,8 +40,7 @@ def make_request(prompt=None, adapter_id="", token_ids=None, messages=None, logp
     return req
 
 
-@pytest.fixture
-def start_server():
+def start_server_fixture():
     """start_server(model_dir, **config) -> Running; stopped at teardown."""
     started: list[Running] = []
 
