@@ -1,0 +1,154 @@
+"""Pieces shared by the sync and async clients: request building, channel settings, retry policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import grpc
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+
+PathOrBytes = Union[str, "os.PathLike[str]", bytes, None]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+#: Status codes on which idempotent calls are retried.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: Methods safe to retry (read-only).
+IDEMPOTENT = frozenset({"ListAdapters", "GetAdapter", "GetModelInfo", "Check"})
+BACKOFF_BASE_S = 0.1
+BACKOFF_MAX_S = 2.0
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),  # adapter uploads; the server enforces its own limit
+    ("grpc.max_receive_message_length", -1),
+]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): exponential, capped, jittered."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _pem(value: PathOrBytes) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(tls: bool, tls_ca: PathOrBytes, tls_cert: PathOrBytes,
+                        tls_key: PathOrBytes) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for a plaintext channel.
+
+    TLS is used when ``tls`` is true or any of ``tls_ca``/``tls_cert``/``tls_key`` is given;
+    without ``tls_ca`` the system roots verify the server. ``tls_cert``+``tls_key`` is the
+    client certificate for mutual TLS. Each is a PEM file path or PEM bytes.
+    """
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key must be given together")
+    if not (tls or tls_ca or tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+    )
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata sent with every call: the bearer token when one is set."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _chat_message(m: Any) -> pb.ChatMessage:
+    if isinstance(m, pb.ChatMessage):
+        return m
+    if isinstance(m, Mapping):
+        return pb.ChatMessage(role=m["role"], content=m["content"])
+    role, content = m
+    return pb.ChatMessage(role=role, content=content)
+
+
+def build_generate_request(
+    prompt: str | None = None,
+    *,
+    messages: Iterable[Any] | None = None,
+    token_ids: Sequence[int] | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    ignore_eos: bool = False,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    request_id: str | None = None,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments; unset sampling fields take the server's defaults.
+
+    Exactly one of ``prompt``, ``messages`` (dicts with role/content, or (role, content)
+    pairs) and ``token_ids`` must be given. ``top_logprobs > 0`` implies ``logprobs``.
+    """
+    given = [name for name, v in (("prompt", prompt), ("messages", messages), ("token_ids", token_ids))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of prompt, messages or token_ids (got {given or 'none'})")
+    params = pb.SamplingParams(ignore_eos=ignore_eos)
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature),
+                        ("top_k", top_k), ("top_p", top_p),
+                        ("repetition_penalty", repetition_penalty), ("seed", seed)):
+        if value is not None:
+            setattr(params, name, value)
+    if stop is not None:
+        params.stop.extend([stop] if isinstance(stop, str) else list(stop))
+    req = pb.GenerateRequest(
+        adapter_id=adapter or "", params=params,
+        return_logprobs=bool(logprobs or top_logprobs), top_logprobs=top_logprobs,
+        request_id=request_id or "",
+    )
+    if prompt is not None:
+        req.prompt = prompt
+    elif messages is not None:
+        req.messages.messages.extend(_chat_message(m) for m in messages)
+    else:
+        req.prompt_token_ids.ids.extend(int(t) for t in token_ids)
+    return req
+
+
+def read_adapter_dir(local_dir: str | os.PathLike[str]) -> pb.AdapterFiles:
+    """The two files of a PEFT ``save_pretrained`` folder, ready for an inline upload."""
+    folder = Path(local_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {folder}")
+    config, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_CONFIG}")
+    if not weights.is_file():
+        hint = (" (only pickle weights found: save with safe_serialization=True)"
+                if (folder / "adapter_model.bin").exists() else "")
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS}{hint}")
+    config_bytes = config.read_bytes()
+    try:
+        json.loads(config_bytes)
+    except ValueError as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from e
+    return pb.AdapterFiles(config_json=config_bytes, safetensors=weights.read_bytes())
+
+
+def build_register_request(adapter_id: str, path: str | None, local_dir: Any, merge: bool,
+                           pin: bool, replace: bool) -> pb.RegisterAdapterRequest:
+    """A RegisterAdapterRequest from a server-side ``path`` or an uploaded ``local_dir``."""
+    if (path is None) == (local_dir is None):
+        raise ValueError("give exactly one of path (on the server) or local_dir (uploaded)")
+    req = pb.RegisterAdapterRequest(adapter_id=adapter_id, merge=merge, pin=pin, replace=replace)
+    if path is not None:
+        req.path = str(path)
+    else:
+        req.files.CopyFrom(read_adapter_dir(local_dir))
+    return req

@@ -1,0 +1,237 @@
+"""asyncio Python client for an adapterserve server: the same API as
+:class:`clients.client.AdapterServeClient`, with ``async`` methods.
+
+>>> async with AsyncAdapterServeClient("127.0.0.1:50051") as client:
+...     results = await asyncio.gather(*(client.generate("Hi", adapter=a) for a in ["a", "b"]))
+...     async for chunk in client.stream("Tell me a story"):
+...         print(chunk.text, end="", flush=True)
+
+Create the client inside the event loop that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from clients._common import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    RETRYABLE_CODES,
+    PathOrBytes,
+    backoff_delay,
+    build_generate_request,
+    build_register_request,
+    call_metadata,
+    channel_credentials,
+)
+from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
+
+_DEFAULT = object()
+
+
+class AsyncAdapterServeClient:
+    """asyncio client; arguments as for :class:`clients.client.AdapterServeClient`.
+
+    Many requests may be in flight at once on its one channel (``asyncio.gather``).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        token: str | None = None,
+        tls_ca: PathOrBytes = None,
+        tls_cert: PathOrBytes = None,
+        tls_key: PathOrBytes = None,
+        timeout: float | None = 60.0,
+        retries: int = 3,
+        *,
+        tls: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self._metadata = call_metadata(token)
+        creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        opts = [*CHANNEL_OPTIONS, *options]
+        self._channel = (grpc.aio.insecure_channel(target, options=opts) if creds is None
+                         else grpc.aio.secure_channel(target, creds, options=opts))
+        self._gen = pb_grpc.GenerationServiceStub(self._channel)
+        self._adapters = pb_grpc.AdapterServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncAdapterServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _timeout(self, timeout: Any) -> float | None:
+        return self.timeout if timeout is _DEFAULT else timeout
+
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool) -> Any:
+        timeout = self._timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if idempotent and e.code() in RETRYABLE_CODES and attempt < self.retries:
+                    delay = backoff_delay(attempt)
+                    if deadline is None or time.monotonic() + delay < deadline:
+                        await asyncio.sleep(delay)
+                        attempt += 1
+                        continue
+                raise from_rpc_error(e) from e
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Any] | None = None,
+        token_ids: Sequence[int] | None = None,
+        adapter: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        request_id: str | None = None,
+        timeout: Any = _DEFAULT,
+    ) -> GenerationResult:
+        """Generate a completion and return it whole; see ``AdapterServeClient.generate``."""
+        req = build_generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        return GenerationResult.from_proto(await self._call(self._gen.Generate, req, timeout, False))
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Any] | None = None,
+        token_ids: Sequence[int] | None = None,
+        adapter: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        request_id: str | None = None,
+        timeout: Any = _DEFAULT,
+    ) -> AsyncIterator[StreamChunk]:
+        """Yield :class:`~clients.types.StreamChunk` objects: ``async for chunk in client.stream(...)``.
+
+        Not a coroutine: call it without ``await``. See ``AdapterServeClient.stream``;
+        leaving the loop early cancels the request on the server.
+        """
+        req = build_generate_request(
+            prompt, messages=messages, token_ids=token_ids, adapter=adapter,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
+            logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        call = self._gen.GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
+        return self._chunks(call)
+
+    @staticmethod
+    async def _chunks(call: Any) -> AsyncIterator[StreamChunk]:
+        try:
+            async for message in call:
+                yield StreamChunk.from_proto(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once the stream has finished
+
+    async def model_info(self, *, timeout: Any = _DEFAULT) -> ModelInfo:
+        """The served base model and the server's limits."""
+        resp = await self._call(self._gen.GetModelInfo, pb.GetModelInfoRequest(), timeout, True)
+        return ModelInfo.from_proto(resp)
+
+    # ------------------------------------------------------------------ adapters
+
+    async def register_adapter(
+        self,
+        adapter_id: str,
+        path: str | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        merge: bool = False,
+        pin: bool = False,
+        replace: bool = False,
+        *,
+        timeout: Any = _DEFAULT,
+    ) -> AdapterInfo:
+        """Register a PEFT adapter folder; see ``AdapterServeClient.register_adapter``."""
+        req = build_register_request(adapter_id, path, local_dir, merge, pin, replace)
+        return AdapterInfo.from_proto(await self._call(self._adapters.RegisterAdapter, req, timeout, False))
+
+    async def unregister_adapter(self, adapter_id: str, *, timeout: Any = _DEFAULT) -> str:
+        """Unregister an adapter (in-flight requests finish). Returns its id."""
+        req = pb.UnregisterAdapterRequest(adapter_id=adapter_id)
+        return (await self._call(self._adapters.UnregisterAdapter, req, timeout, False)).adapter_id
+
+    async def list_adapters(self, *, timeout: Any = _DEFAULT) -> list[AdapterInfo]:
+        """Every registered adapter."""
+        resp = await self._call(self._adapters.ListAdapters, pb.ListAdaptersRequest(), timeout, True)
+        return [AdapterInfo.from_proto(a) for a in resp.adapters]
+
+    async def get_adapter(self, adapter_id: str, *, timeout: Any = _DEFAULT) -> AdapterInfo:
+        """One adapter's description; NotFoundError when it is not registered."""
+        req = pb.GetAdapterRequest(adapter_id=adapter_id)
+        return AdapterInfo.from_proto(await self._call(self._adapters.GetAdapter, req, timeout, True))
+
+    # ------------------------------------------------------------------ health
+
+    async def health(self, service: str = "", *, timeout: Any = _DEFAULT) -> str:
+        """The grpc.health.v1 status name: "SERVING", "NOT_SERVING", ... (no token needed)."""
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = await self._call(self._health.Check, req, timeout, True)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def wait_ready(self, timeout: float = 30.0, interval: float = 0.2) -> None:
+        """Wait until health says SERVING; UnavailableError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        status = "unreachable"
+        while True:
+            try:
+                status = await self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                if status == "SERVING":
+                    return
+            except (UnavailableError, DeadlineExceededError):
+                status = "unreachable"
+            if time.monotonic() + interval > deadline:
+                raise UnavailableError(f"{self.target} not SERVING after {timeout:g}s (last: {status})")
+            await asyncio.sleep(interval)
