@@ -1,0 +1,1 @@
+"""Adapters: PEFT file formats, the registry, batched LoRA."""
