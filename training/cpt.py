@@ -1,0 +1,54 @@
+"""``cpt``: continued pre-training of a LoRA adapter on raw domain text.
+
+Data: ``.txt`` (documents separated by blank lines) or ``.jsonl`` ``{"text": ...}``. Documents
+are packed into ``--max-length`` token blocks and the loss covers every token.
+Trainer: TRL ``SFTTrainer`` on a language-modelling dataset with ``packing=True``.
+"""
+
+from __future__ import annotations
+
+from training.config import CPTArgs, default_lr
+from training.data import read_text
+from training.methods import lora_config
+from training.runtime import (
+    callbacks,
+    finish,
+    load_tokenizer,
+    resolve_model,
+    say,
+    start_run,
+    train,
+    training_arguments,
+)
+
+
+def run(cfg: CPTArgs) -> int:
+    """Validate the text, train a LoRA on it (packed, all tokens), export and optionally register."""
+    docs = read_text(cfg.data)
+    run_ = start_run(cfg, "cpt")
+    run_.model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(run_.model_path)
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    lr = cfg.lr if cfg.lr is not None else default_lr("cpt", cfg.method)
+    say(f"cpt --method lora: {len(docs)} documents, blocks of {cfg.max_length} tokens, model {run_.model_path}")
+    args = SFTConfig(
+        **training_arguments(run_, lr),
+        dataset_text_field="text",
+        max_length=cfg.max_length,
+        packing=True,
+        packing_strategy=cfg.packing_strategy,
+        completion_only_loss=False,
+    )
+    trainer = SFTTrainer(
+        model=run_.model_path,
+        args=args,
+        train_dataset=Dataset.from_list(docs),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=callbacks(run_),
+    )
+    train(run_, trainer)
+    return finish(run_)

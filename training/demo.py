@@ -1,0 +1,122 @@
+"""``make demo``: train an SFT LoRA on the default model on this CPU, then compare replies.
+
+    python -m training.demo [--steps 10] [--output runs/demo] [--skip-train]
+
+The adapter learns the fixed reply format of training/data/sft.jsonl (``ANSWER: <answer>``);
+the demo asks held-out questions (training/data/eval_prompts.jsonl) of the base model and of the
+adapter and prints both replies side by side, plus how many replies follow the format.
+Replies come from :func:`replies`, the one place that knows how the models are run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+FORMAT_PREFIX = "ANSWER:"
+
+
+def replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
+            max_new_tokens: int = 24) -> list[tuple[str, str]]:
+    """Greedy (base reply, adapter reply) per prompt, each prompt rendered with the chat template.
+
+    Uses transformers + PEFT generation: the adapter is loaded on the base model once and
+    disabled for the base replies.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def generate() -> list[str]:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    with model.disable_adapter():
+        base_replies = generate()
+    adapter_replies = generate()
+    return list(zip(base_replies, adapter_replies, strict=True))
+
+
+def follows_format(reply: str) -> bool:
+    """True when the reply has the trained format."""
+    return reply.strip().startswith(FORMAT_PREFIX)
+
+
+def print_side_by_side(prompts: Sequence[str], pairs: Sequence[tuple[str, str]], width: int = 44) -> None:
+    """A three-column table: prompt | base reply | adapter reply."""
+    def cell(text: str) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width) or [""]
+
+    header = f"{'prompt':<{width}} | {'base model':<{width}} | {'with the SFT LoRA adapter':<{width}}"
+    print(header)
+    print("-" * len(header))
+    for prompt, (base, tuned) in zip(prompts, pairs, strict=True):
+        cols = [cell(prompt), cell(base), cell(tuned)]
+        for i in range(max(map(len, cols))):
+            print(" | ".join(f"{(c[i] if i < len(c) else ''):<{width}}" for c in cols))
+        print("-" * len(header))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train (unless --skip-train), then print base vs adapter replies."""
+    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps (default: 10, 2-4 min on 2 cores)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out questions to ask (default: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="reply length (default: 24)")
+    parser.add_argument("--skip-train", action="store_true", help="reuse the adapter already in --output")
+    args = parser.parse_args(argv)
+
+    from server.model.default_model import ensure_default_model
+
+    model_dir = ensure_default_model()
+    adapter_dir = Path(args.output)
+    if not args.skip_train:
+        from training.__main__ import main as train_main
+
+        started = time.perf_counter()
+        code = train_main([
+            "sft", "--method", "lora", "--model", str(model_dir), "--data", str(DATA / "sft.jsonl"),
+            "--output", str(adapter_dir), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--logging-steps", "2", "--save-steps", str(args.steps), "--seed", "0",
+        ])
+        if code:
+            return code
+        print(f"\ntrained {args.steps} steps in {time.perf_counter() - started:.0f} s -> {adapter_dir}\n")
+    elif not (adapter_dir / "adapter_model.safetensors").is_file():
+        print(f"error: --skip-train but no adapter in {adapter_dir}", file=sys.stderr)
+        return 2
+
+    rows = [json.loads(line) for line in (DATA / "eval_prompts.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in rows[: args.prompts]]
+    pairs = replies(model_dir, adapter_dir, prompts, args.max_new_tokens)
+    print_side_by_side(prompts, pairs)
+    base_ok = sum(follows_format(b) for b, _ in pairs)
+    tuned_ok = sum(follows_format(t) for _, t in pairs)
+    print(f"replies in the trained '{FORMAT_PREFIX} ...' format: base {base_ok}/{len(pairs)}, "
+          f"adapter {tuned_ok}/{len(pairs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

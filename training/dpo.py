@@ -1,0 +1,54 @@
+"""``dpo``: offline RLHF, direct preference optimisation of a LoRA policy.
+
+Data: preference pairs ``{"prompt", "chosen", "rejected"}``. The reference policy is the base
+model itself (PEFT disables the adapter for the reference pass, so no second copy is loaded).
+Trainer: TRL ``DPOTrainer`` with a LoRA ``peft_config``.
+"""
+
+from __future__ import annotations
+
+from training.config import DPOArgs, default_lr
+from training.data import holdout_split, preferences_to_trl, read_preferences
+from training.methods import lora_config
+from training.runtime import (
+    callbacks,
+    finish,
+    load_tokenizer,
+    resolve_model,
+    say,
+    start_run,
+    train,
+    training_arguments,
+)
+
+
+def run(cfg: DPOArgs) -> int:
+    """Validate the pairs, train the DPO LoRA policy, export and optionally register it."""
+    pairs = read_preferences(cfg.data)
+    train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
+    run_ = start_run(cfg, "dpo")
+    run_.model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(run_.model_path)
+    chat = tokenizer.chat_template is not None
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    lr = cfg.lr if cfg.lr is not None else default_lr("dpo", "lora")
+    say(f"dpo: {len(train_rows)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, model {run_.model_path}")
+    args = DPOConfig(**training_arguments(run_, lr), beta=cfg.beta, loss_type=[cfg.loss_type],
+                     max_length=cfg.max_length, eval_strategy="no")
+    trainer = DPOTrainer(
+        model=run_.model_path,
+        args=args,
+        train_dataset=Dataset.from_list(preferences_to_trl(train_rows, chat)),
+        eval_dataset=Dataset.from_list(preferences_to_trl(eval_rows, chat)) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=callbacks(run_),
+    )
+    train(run_, trainer)
+    if eval_rows:
+        metrics = trainer.evaluate()
+        say(f"held-out preference accuracy: {metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
+    return finish(run_)

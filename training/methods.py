@@ -1,0 +1,79 @@
+"""PEFT configurations for each adapter kind the server serves.
+
+What each kind saves (``adapter_model.safetensors``), as the server reads it:
+
+- ``lora``: ``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r].
+- ``prompt`` (PROMPT_TUNING): ``prompt_embeddings`` [n, hidden].
+- ``ptuning`` (P_TUNING): ``prompt_embeddings`` [n, hidden] = the prompt encoder's *output*
+  (PEFT runs the MLP/LSTM once at save time; the encoder weights are not saved).
+- ``prefix`` (PREFIX_TUNING): ``prompt_embeddings`` [n, layers*2*kv_heads*head_dim] = the
+  per-layer keys and values (after the projection MLP when ``--projection`` is on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.cli import UsageError
+from training.config import METHOD_OPTIONS, LoraArgs, PromptLearningArgs
+
+
+def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM") -> Any:
+    """A ``peft.LoraConfig`` for a causal-LM policy (or ``SEQ_CLS`` for a reward model)."""
+    from peft import LoraConfig
+
+    if args.rank < 1:
+        raise UsageError(f"--rank must be >= 1, got {args.rank}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return LoraConfig(
+        task_type=task_type, r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        target_modules=list(args.target_modules), use_rslora=args.use_rslora, bias="none",
+    )
+
+
+def prompt_learning_config(method: str, args: PromptLearningArgs, tokenizer_path: str) -> Any:
+    """A PEFT prompt-learning config (prompt tuning, P-tuning or prefix tuning) for a causal LM."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if args.num_virtual_tokens < 1:
+        raise UsageError(f"--num-virtual-tokens must be >= 1, got {args.num_virtual_tokens}")
+    if args.encoder_hidden_size < 1:
+        raise UsageError(f"--encoder-hidden-size must be >= 1, got {args.encoder_hidden_size}")
+    n = args.num_virtual_tokens
+    if method == "prompt":
+        if args.init_text:
+            return PromptTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=n, prompt_tuning_init="TEXT",
+                prompt_tuning_init_text=args.init_text, tokenizer_name_or_path=tokenizer_path,
+            )
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)
+    if method == "ptuning":
+        return PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=n, encoder_reparameterization_type=args.encoder,
+            encoder_hidden_size=args.encoder_hidden_size,
+        )
+    if method == "prefix":
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=args.projection,
+            encoder_hidden_size=args.encoder_hidden_size,
+        )
+    raise UsageError(f"unknown prompt-learning method {method!r}")
+
+
+def check_method_options(method: str, explicit: dict[str, Any]) -> None:
+    """Refuse options that belong to another method (e.g. ``--init-text`` with ``--method lora``)."""
+    own = set(METHOD_OPTIONS[method])
+    for names in METHOD_OPTIONS.values():
+        for name in names:
+            if name in explicit and name not in own:
+                flag = "--" + name.replace("_", "-")
+                users = [m for m, opts in METHOD_OPTIONS.items() if name in opts]
+                raise UsageError(f"{flag} applies to --method {'|'.join(users)}, not {method}")
+
+
+def peft_config_for(method: str, args: Any, tokenizer_path: str) -> Any:
+    """The PEFT config for an SFT/CPT ``--method``."""
+    if method == "lora":
+        return lora_config(args)
+    return prompt_learning_config(method, args, tokenizer_path)

@@ -1,0 +1,56 @@
+"""``sft``: supervised fine-tuning of a LoRA, prompt-tuning, P-tuning or prefix-tuning adapter.
+
+Data: chat ``{"messages": [...]}`` or ``{"prompt", "completion"}`` JSONL, rendered with the base
+tokenizer's chat template; loss on the reply tokens only unless ``--no-completion-only-loss``.
+Trainer: TRL ``SFTTrainer`` with a ``peft_config`` (so ``accelerate launch`` scales it out).
+"""
+
+from __future__ import annotations
+
+from training.cli import explicit_fields
+from training.config import SFTArgs, default_lr
+from training.data import read_sft, sft_to_trl
+from training.methods import check_method_options, peft_config_for
+from training.runtime import (
+    callbacks,
+    finish,
+    load_tokenizer,
+    resolve_model,
+    say,
+    start_run,
+    train,
+    training_arguments,
+)
+
+
+def run(cfg: SFTArgs) -> int:
+    """Validate the data, train the adapter, export it (and register it when asked)."""
+    check_method_options(cfg.method, explicit_fields(cfg))
+    rows = read_sft(cfg.data)  # before any model work: bad lines fail fast
+    run_ = start_run(cfg, "sft")
+    run_.model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(run_.model_path)
+    chat = bool(cfg.chat_template and tokenizer.chat_template)
+    examples = sft_to_trl(rows, chat, cfg.data)
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    lr = cfg.lr if cfg.lr is not None else default_lr("sft", cfg.method)
+    say(f"sft --method {cfg.method}: {len(examples)} examples, model {run_.model_path}, lr {lr}")
+    args = SFTConfig(
+        **training_arguments(run_, lr),
+        max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=run_.model_path,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config_for(cfg.method, cfg, run_.model_path),
+        callbacks=callbacks(run_),
+    )
+    train(run_, trainer)
+    return finish(run_)
