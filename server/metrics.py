@@ -249,6 +249,8 @@ class ServerMetrics:
         """
         if not adapter_id:
             return BASE_LABEL
+        if adapter_id in (BASE_LABEL, OTHER_LABEL):  # reserved: an adapter named like them takes no slot
+            return OTHER_LABEL
         with self._labels_lock:
             if adapter_id in self._labels:
                 return adapter_id

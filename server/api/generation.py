@@ -17,6 +17,7 @@ from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from server.api.errors import error_message, status_for
 from server.api.validation import Limits, prompt_ids, sampling
 from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
+from server.metrics import OTHER_LABEL
 from server.request_log import log_request
 
 log = logging.getLogger("adapterserve.api")
@@ -35,6 +36,7 @@ class _Outcome:
     def __init__(self, request_id: str, adapter_id: str):
         self.request_id = request_id
         self.adapter_id = adapter_id
+        self.metrics_adapter = adapter_id  # the id metrics are labelled with
         self.status = "OK"
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -87,6 +89,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         """Yield (event, outcome) pairs: TokenEvents then one FinishEvent; abort with a status otherwise."""
         outcome = _Outcome(request.request_id or uuid.uuid4().hex, request.adapter_id)
         req: Request | None = None
+        stop_at: float | None = None
         try:
             req = self._build(request, outcome)
             queue: asyncio.Queue = asyncio.Queue()
@@ -116,15 +119,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except RequestFailed as e:
             outcome.status, outcome.error = e.code.name, e.message
             await context.abort(e.code, e.message)
-        except asyncio.CancelledError:
-            outcome.status = "CANCELLED"
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+            outcome.status = _cancel_status(stop_at)
             if req is not None:
-                req.cancel("CANCELLED")
-            raise
-        except GeneratorExit:  # the stream's consumer went away
-            outcome.status = "CANCELLED"
-            if req is not None:
-                req.cancel("CANCELLED")
+                req.cancel(outcome.status)
             raise
         finally:
             self._record(outcome)
@@ -136,6 +134,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 try:
                     entry = self.adapters.acquire(request.adapter_id)
                 except LookupError as e:
+                    outcome.metrics_adapter = OTHER_LABEL  # unknown ids must not mint label values
                     raise RequestFailed(grpc.StatusCode.NOT_FOUND, error_message(e)) from e
             prefix_len = entry.spec.num_virtual_tokens if entry is not None else 0
             try:
@@ -176,12 +175,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if f is not None and f.ttft_s is not None and f.completion_tokens > 1:
             tpot = (f.total_s - f.ttft_s) / (f.completion_tokens - 1)
         if self.metrics is not None:
-            self.metrics.request_finished(o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
+            self.metrics.request_finished(o.metrics_adapter, o.status, o.prompt_tokens, o.completion_tokens,
                                           total_s=f.total_s if f else total, ttft_s=ttft, tpot_s=tpot)
         log_request(o.request_id, o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
                     queue_ms=None if f is None else f.queue_s * 1000, ttft_ms=None if ttft is None else ttft * 1000,
                     total_ms=total * 1000, finish_reason=None if f is None else f.reason.value,
                     error=o.error or None)
+
+
+# A client's own deadline fires a little before ours (transit, timeout rounding): its cancel that
+# close to our deadline is the deadline, not a user cancel.
+DEADLINE_SLACK_S = 0.1
+
+
+def _cancel_status(stop_at: float | None) -> str:
+    """DEADLINE_EXCEEDED when the call's deadline has (about) passed, else CANCELLED.
+
+    gRPC also cancels the handler at the deadline, racing the servicer's own deadline timer.
+    """
+    near = stop_at is not None and time.monotonic() >= stop_at - DEADLINE_SLACK_S
+    return "DEADLINE_EXCEEDED" if near else "CANCELLED"
 
 
 def _timings(ev: FinishEvent) -> pb.Timings:

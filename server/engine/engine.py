@@ -131,6 +131,7 @@ class Engine:
                 break
             if r.adapter is not None and not self.adapters.activate(r.adapter):
                 continue  # every adapter slot is busy with running requests: wait, don't fail
+            r.prefix_len = r.adapter.spec.num_virtual_tokens if r.adapter is not None else 0
             pages = self.allocator.allocate(self.allocator.pages_for(r.total_tokens_needed))
             if pages is None:
                 if r.adapter is not None:
@@ -150,11 +151,13 @@ class Engine:
 
     def _write_prefix(self, r: Request) -> None:
         prefix = self.adapters.prefix_kv(r.adapter) if r.adapter is not None else None
-        r.prefix_len = r.cached = 0
+        r.cached = 0
         if prefix is None:
+            r.prefix_len = 0
             return
         keys, values = prefix  # [L, H_kv, n, D] each
         n = keys.shape[2]
+        assert n == r.prefix_len, "pages were reserved for a different prefix length"
         table = torch.tensor([r.pages], device=self.runtime.device)
         slots = self.cache.slots(table, torch.arange(n, device=self.runtime.device)[None])[0]
         self.cache.write_prefix(keys, values, slots)

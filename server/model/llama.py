@@ -111,7 +111,7 @@ class LlamaRuntime:
         q_index = step.start[:, None] + offs[None, :]  # [B, S] cache index = rotary position of each new token
         valid = offs[None, :] < step.lengths[:, None]  # [B, S]
         cos, sin = self.cos[q_index][:, None], self.sin[q_index][:, None]  # [B, 1, S, D]
-        write_slots = cache.slots(step.block_tables, q_index)[valid]  # [N_valid]
+        write_slots = cache.slots(step.block_tables, torch.where(valid, q_index, 0))[valid]  # [N_valid]
         kv_len = step.start + step.lengths  # [B]
         t_max = int(kv_len.max())
         k_index = torch.arange(t_max, device=x.device)  # [T]

@@ -278,3 +278,19 @@ def test_preload_registers_at_start(start_server, tiny_llama, adapter_root, refe
     srv = start_server(tiny_llama, adapter_root=str(adapter_root), preload=["p1=prefix", "l1=lora"])
     assert set(_states(srv)) == {"p1", "l1"}
     assert_matches(gen(srv, prompts[1], "p1"), refs["prefix"][1])
+
+
+def test_tight_kv_pages_with_prefixes_and_mixed_prompt_lengths(start_server, tiny_llama, adapter_root, references):
+    # One-token pages: any under-reserved prefix or out-of-range padding position would fault.
+    prompts, refs = references
+    srv = start_server(tiny_llama, adapter_root=str(adapter_root), kv_page_tokens=1, kv_cache_tokens=2048)
+    register(srv, "prefix")
+    register(srv, "prompt")
+    long_prompt = prompts[0] * 6
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futs = [(n, i, pool.submit(gen, srv, prompts[i], n)) for n in ("prefix", "prompt") for i in range(2)]
+        extra = [pool.submit(srv.generate, token_ids=long_prompt, max_new_tokens=2, ignore_eos=True)
+                 for _ in range(2)]
+        for n, i, f in futs:
+            assert_matches(f.result(), refs[n][i])
+        assert all(f.result().usage.completion_tokens == 2 for f in extra)
