@@ -48,7 +48,7 @@ class CommonArgs:
     register: str | None = opt(None, "HOST:PORT of a running adapterserve server to register the result with.")
     adapter_id: str | None = opt(None, "Adapter id for --register (default: the output folder's name).")
     register_replace: bool = opt(False, "With --register: replace an adapter registered under the same id.")
-    register_token: str | None = opt(None, "Bearer token for --register (default: $ADAPTERSERVE_TOKEN).")
+    register_token: str | None = opt(None, "Bearer token for --register (the admin token if the server sets one; default: $ADAPTERSERVE_TOKEN).")
     register_tls_ca: str | None = opt(None, "PEM CA bundle: register over TLS.")
 
 

@@ -12,6 +12,7 @@ from training.data import read_text
 from training.methods import lora_config
 from training.runtime import (
     callbacks,
+    check_options,
     finish,
     load_tokenizer,
     resolve_model,
@@ -24,6 +25,7 @@ from training.runtime import (
 
 def run(cfg: CPTArgs) -> int:
     """Validate the text, train a LoRA on it (packed, all tokens), export and optionally register."""
+    check_options(cfg)
     docs = read_text(cfg.data)
     run_ = start_run(cfg, "cpt")
     run_.model_path = resolve_model(cfg.model)

@@ -12,6 +12,7 @@ from training.data import holdout_split, preferences_to_trl, read_preferences
 from training.methods import lora_config
 from training.runtime import (
     callbacks,
+    check_options,
     finish,
     load_tokenizer,
     resolve_model,
@@ -24,6 +25,7 @@ from training.runtime import (
 
 def run(cfg: DPOArgs) -> int:
     """Validate the pairs, train the DPO LoRA policy, export and optionally register it."""
+    check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
     run_ = start_run(cfg, "dpo")

@@ -19,6 +19,7 @@ from training.data import prompts_to_trl, read_prompts
 from training.methods import lora_config
 from training.runtime import (
     callbacks,
+    check_options,
     finish,
     load_tokenizer,
     resolve_model,
@@ -61,6 +62,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
     """Validate prompts and reward model, train the policy with GRPO or RLOO, export/register it."""
     if not cfg.reward_model:
         raise UsageError("--reward-model is required (a folder written by `python -m training reward`)")
+    check_options(cfg)
     prompts = read_prompts(cfg.data)
     reward_model_base(cfg.reward_model)
     if cfg.num_generations < 2:

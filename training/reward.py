@@ -14,6 +14,7 @@ from training.data import holdout_split, preferences_to_trl, read_preferences
 from training.methods import lora_config
 from training.runtime import (
     callbacks,
+    check_options,
     finish,
     load_tokenizer,
     resolve_model,
@@ -28,6 +29,7 @@ def run(cfg: RewardArgs) -> int:
     """Validate the pairs, train the reward model, report held-out pairwise accuracy."""
     if cfg.register:
         raise UsageError("--register: a reward model is not a generation adapter; the server cannot serve it")
+    check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed)
     run_ = start_run(cfg, "reward")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,8 @@ def say(message: str) -> None:
         print(f"[training] {message}", flush=True)
 
 
-def start_run(cfg: CommonArgs, command: str) -> Run:
-    """Check required options; prepare the output folder (cleared of stale results unless --resume)."""
+def check_options(cfg: CommonArgs) -> None:
+    """Options every command needs, checked before the data is read or any model loaded."""
     if not cfg.data:
         raise UsageError("--data is required (or 'data:' in --config)")
     if not cfg.output:
@@ -66,11 +67,20 @@ def start_run(cfg: CommonArgs, command: str) -> Run:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.epochs <= 0):
         raise UsageError("nothing to train: set --max-steps > 0 or --epochs > 0")
-    output = Path(cfg.output)
-    run = Run(cfg=cfg, command=command, output=output)
     if cfg.register:
-        run.adapter_id = cfg.adapter_id or output.resolve().name
-        check_target(cfg.register, run.adapter_id)
+        check_target(cfg.register, adapter_id_for(cfg))
+
+
+def adapter_id_for(cfg: CommonArgs) -> str:
+    """``--adapter-id``, or the output folder's name."""
+    return cfg.adapter_id or Path(cfg.output or ".").resolve().name
+
+
+def start_run(cfg: CommonArgs, command: str) -> Run:
+    """Prepare the output folder (cleared of stale results unless --resume); write the resolved config."""
+    check_options(cfg)
+    output = Path(cfg.output)
+    run = Run(cfg=cfg, command=command, output=output, adapter_id=adapter_id_for(cfg) if cfg.register else "")
     from accelerate import PartialState
 
     state = PartialState()
@@ -216,7 +226,7 @@ def finish(run: Run) -> int:
         )
     except grpc.RpcError as e:
         print(f"error: registering {run.adapter_id!r} with {cfg.register} failed: {e.code().name}: {e.details()}"
-              f" (the adapter is saved in {run.output})", flush=True)
+              f" (the adapter is saved in {run.output})", file=sys.stderr, flush=True)
         return 1
     say(f"registered {adapter.adapter_id!r} with {cfg.register} (type {adapter.type}, {adapter.size_bytes} bytes)")
     return 0

@@ -13,6 +13,7 @@ from training.data import read_sft, sft_to_trl
 from training.methods import check_method_options, peft_config_for
 from training.runtime import (
     callbacks,
+    check_options,
     finish,
     load_tokenizer,
     resolve_model,
@@ -26,6 +27,7 @@ from training.runtime import (
 def run(cfg: SFTArgs) -> int:
     """Validate the data, train the adapter, export it (and register it when asked)."""
     check_method_options(cfg.method, explicit_fields(cfg))
+    check_options(cfg)
     rows = read_sft(cfg.data)  # before any model work: bad lines fail fast
     run_ = start_run(cfg, "sft")
     run_.model_path = resolve_model(cfg.model)

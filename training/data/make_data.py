@@ -82,8 +82,9 @@ def questions(rng: random.Random) -> list[tuple[str, str]]:
                    str(value)))
     for n in range(1, 12):
         qa.append((f"Write the number {n} as a word.", NUMBER_WORDS[n]))
-    rng.shuffle(qa)
-    return qa
+    unique = list(dict(qa).items())  # each question once (random arithmetic can repeat)
+    rng.shuffle(unique)
+    return unique
 
 
 REJECTED_STYLES = [
@@ -125,19 +126,20 @@ def cpt_paragraphs(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def write_jsonl(name: str, rows: list[dict]) -> None:
-    with (HERE / name).open("w", encoding="utf-8") as fh:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
-    """Regenerate every file in training/data/."""
+def main(out: Path = HERE) -> None:
+    """Regenerate every dataset file into ``out`` (default: training/data/)."""
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
     qa = questions(rng)
     held_out, rest = qa[:24], qa[24:]
     sft, chat, prefs_pool = rest[:200], rest[200:], rest
-    write_jsonl("sft.jsonl", [{"prompt": q, "completion": answer(a)} for q, a in sft])
+    write_jsonl(out / "sft.jsonl", [{"prompt": q, "completion": answer(a)} for q, a in sft])
     chat_rows = []
     for i, (q, a) in enumerate(chat):
         messages = [{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}]
@@ -147,17 +149,17 @@ def main() -> None:
             q0, a0 = sft[i]
             messages = [{"role": "user", "content": q0}, {"role": "assistant", "content": answer(a0)}] + messages
         chat_rows.append({"messages": messages})
-    write_jsonl("sft_chat.jsonl", chat_rows)
-    write_jsonl("prefs.jsonl", [
+    write_jsonl(out / "sft_chat.jsonl", chat_rows)
+    write_jsonl(out / "prefs.jsonl", [
         {"prompt": q, "chosen": answer(a), "rejected": rng.choice(REJECTED_STYLES).format(a=a)} for q, a in prefs_pool
     ])
-    write_jsonl("prompts.jsonl", [{"prompt": q} for q, _ in rest[:96]])
-    write_jsonl("eval_prompts.jsonl", [{"prompt": q, "answer": a} for q, a in held_out])
+    write_jsonl(out / "prompts.jsonl", [{"prompt": q} for q, _ in rest[:96]])
+    write_jsonl(out / "eval_prompts.jsonl", [{"prompt": q, "answer": a} for q, a in held_out])
     paragraphs = cpt_paragraphs(rng, 72)
-    (HERE / "cpt.txt").write_text("\n\n".join(paragraphs[:60]) + "\n", encoding="utf-8")
-    (HERE / "cpt_eval.txt").write_text("\n\n".join(paragraphs[60:]) + "\n", encoding="utf-8")
-    for name in sorted(p.name for p in HERE.iterdir() if p.suffix in (".jsonl", ".txt")):
-        lines = sum(1 for line in (HERE / name).read_text(encoding="utf-8").splitlines() if line.strip())
+    (out / "cpt.txt").write_text("\n\n".join(paragraphs[:60]) + "\n", encoding="utf-8")
+    (out / "cpt_eval.txt").write_text("\n\n".join(paragraphs[60:]) + "\n", encoding="utf-8")
+    for name in sorted(p.name for p in out.iterdir() if p.suffix in (".jsonl", ".txt")):
+        lines = sum(1 for line in (out / name).read_text(encoding="utf-8").splitlines() if line.strip())
         print(f"{name}: {lines} lines")
 
 
