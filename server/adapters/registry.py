@@ -173,14 +173,19 @@ class AdapterManager:
             self._free(entry)
             self._report()
 
-    def activate(self, entry: AdapterEntry) -> bool:
-        """Make `entry` resident for a request joining the batch; False if no slot can be freed now."""
+    def activate(self, entry: AdapterEntry) -> bool | None:
+        """Make `entry` resident for a request joining the batch.
+
+        Returns True if it already was (a cache hit), False if it was loaded now (a miss), and
+        None if no slot can be freed at the moment (the request keeps waiting).
+        """
         if entry.freed:
-            return False
+            return None
+        was_resident = entry.resident or entry.merged
         if not self._make_resident(entry, count=True):
-            return False
+            return None
         entry.running += 1
-        return True
+        return was_resident
 
     def deactivate(self, entry: AdapterEntry) -> None:
         entry.running -= 1
@@ -247,11 +252,7 @@ class AdapterManager:
         if entry.resident or entry.merged:
             if entry.key in self._lru:
                 self._lru.move_to_end(entry.key)
-            if count and self.metrics is not None:
-                self.metrics.adapter_cache(True)
             return True
-        if count and self.metrics is not None:
-            self.metrics.adapter_cache(False)
         needs_slot = entry.kind == AdapterKind.LORA
         while (len(self._lru) >= self.max_resident
                or self._resident_bytes() + entry.spec.size_bytes > self.memory_bytes

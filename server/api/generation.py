@@ -43,6 +43,7 @@ class _Outcome:
         self.finish: FinishEvent | None = None
         self.started = time.perf_counter()
         self.first_token_s: float | None = None
+        self.request: Request | None = None
         self.error = ""
 
 
@@ -95,6 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+            outcome.request = req
             self._submit(req)
             deadline = context.time_remaining()
             stop_at = None if deadline is None else time.monotonic() + deadline
@@ -168,17 +170,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         ]
 
     def _record(self, o: _Outcome) -> None:
+        # Every latency here is measured from the start of the RPC, whatever the outcome.
         total = time.perf_counter() - o.started
-        f = o.finish
-        ttft = f.ttft_s if f is not None else o.first_token_s
+        f, r = o.finish, o.request
+        ttft = o.first_token_s
         tpot = None
-        if f is not None and f.ttft_s is not None and f.completion_tokens > 1:
-            tpot = (f.total_s - f.ttft_s) / (f.completion_tokens - 1)
+        if o.status == "OK" and ttft is not None and o.completion_tokens > 1:  # a full request's pace only
+            tpot = (total - ttft) / (o.completion_tokens - 1)
+        queue = None
+        if r is not None and r.admitted_at is not None:
+            queue = r.admitted_at - r.submitted_at
         if self.metrics is not None:
             self.metrics.request_finished(o.metrics_adapter, o.status, o.prompt_tokens, o.completion_tokens,
-                                          total_s=f.total_s if f else total, ttft_s=ttft, tpot_s=tpot)
+                                          total_s=total, ttft_s=ttft, tpot_s=tpot)
         log_request(o.request_id, o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
-                    queue_ms=None if f is None else f.queue_s * 1000, ttft_ms=None if ttft is None else ttft * 1000,
+                    queue_ms=None if queue is None else queue * 1000, ttft_ms=None if ttft is None else ttft * 1000,
                     total_ms=total * 1000, finish_reason=None if f is None else f.reason.value,
                     error=o.error or None)
 

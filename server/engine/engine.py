@@ -129,7 +129,8 @@ class Engine:
         for r in self.waiting.snapshot():
             if room <= 0:
                 break
-            if r.adapter is not None and not self.adapters.activate(r.adapter):
+            hit = self.adapters.activate(r.adapter) if r.adapter is not None else None
+            if r.adapter is not None and hit is None:
                 continue  # every adapter slot is busy with running requests: wait, don't fail
             r.prefix_len = r.adapter.spec.num_virtual_tokens if r.adapter is not None else 0
             pages = self.allocator.allocate(self.allocator.pages_for(r.total_tokens_needed))
@@ -139,6 +140,8 @@ class Engine:
                 break  # FIFO on memory: later requests don't overtake a big one forever
             r.pages = pages
             r.admitted_at = time.perf_counter()
+            if hit is not None and self.metrics is not None:
+                self.metrics.adapter_cache(hit)  # once per admitted request
             self._write_prefix(r)
             admitted.append(r)
             room -= 1

@@ -294,3 +294,17 @@ def test_tight_kv_pages_with_prefixes_and_mixed_prompt_lengths(start_server, tin
         for n, i, f in futs:
             assert_matches(f.result(), refs[n][i])
         assert all(f.result().usage.completion_tokens == 2 for f in extra)
+
+
+def test_adapter_memory_budget_limits_residency(start_server, tiny_llama, adapter_root, references):
+    prompts, refs = references
+    from server.adapters.formats import AdapterLimits, load_adapter_dir
+    from server.model.weights import read_model_args
+
+    size = load_adapter_dir(adapter_root / "lora", read_model_args(tiny_llama), AdapterLimits()).size_bytes
+    srv = start_server(tiny_llama, adapter_root=str(adapter_root), adapter_memory_bytes=int(size * 1.2))
+    register(srv, "lora")
+    register(srv, "lora2")  # smaller, but both do not fit: lora is evicted
+    assert _states(srv) == {"lora": pb.REGISTERED, "lora2": pb.RESIDENT}
+    assert_matches(gen(srv, prompts[0], "lora"), refs["lora"][0])
+    assert _states(srv) == {"lora": pb.RESIDENT, "lora2": pb.REGISTERED}
