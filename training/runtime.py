@@ -13,6 +13,7 @@ Output folder layout (``--output DIR``)::
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -45,9 +46,15 @@ class Run:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
+    """Rank 0 of a launch (torchrun / accelerate / MPI), read from the environment.
 
-    return PartialState().is_main_process
+    Deliberately not ``accelerate.PartialState()``: created before the Trainer's arguments it would
+    fix the distributed state too early (e.g. a multi-process CPU launch would run as N single runs).
+    """
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True
 
 
 def say(message: str) -> None:
@@ -81,17 +88,15 @@ def start_run(cfg: CommonArgs, command: str) -> Run:
     check_options(cfg)
     output = Path(cfg.output)
     run = Run(cfg=cfg, command=command, output=output, adapter_id=adapter_id_for(cfg) if cfg.register else "")
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
+    # Rank 0 prepares the folder; the other ranks write nothing before the Trainer's first
+    # collective operation, so no barrier is needed here.
+    if _is_main():
         output.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             for name in (*ADAPTER_FILES, METRICS_FILE, PLOT_FILE):
                 (output / name).unlink(missing_ok=True)
             shutil.rmtree(run.checkpoints, ignore_errors=True)
         (output / CONFIG_FILE).write_text(to_yaml(cfg, command), encoding="utf-8")
-    state.wait_for_everyone()
     return run
 
 
@@ -165,6 +170,7 @@ def training_arguments(run: Run, lr: float) -> dict[str, Any]:
         disable_tqdm=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also makes a multi-process CPU launch (torchrun) distributed
         model_init_kwargs={"dtype": dtype},
     )
 
