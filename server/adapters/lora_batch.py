@@ -90,16 +90,20 @@ class LoraSlots:
             self._write(slot, modules)
 
     def _write(self, slot: int, modules: dict) -> None:
-        keys = {(layer, GROUP_OF[m]) for layer, m in modules}
-        for layer, group in keys:
-            packed = pack_group(self.args, group, modules, layer, self.rank, self.device, self.dtype)
-            at, bts = packed
-            if (layer, group) not in self.at:
-                self.at[(layer, group)] = at.new_zeros((self.num_slots, *at.shape))
-                self.bt[(layer, group)] = [bt.new_zeros((self.num_slots, *bt.shape)) for bt in bts]
-            self.at[(layer, group)][slot] = at
-            for stacked, bt in zip(self.bt[(layer, group)], bts, strict=True):
-                stacked[slot] = bt
+        """Copy each projection's A^T and scaled B^T straight into its block of the slot (no staging)."""
+        r = self.rank
+        for (layer, name), mod in modules.items():
+            group = GROUP_OF[name]
+            key = (layer, group)
+            if key not in self.at:
+                in_f, cols = _group_shape(self.args, group)
+                self.at[key] = torch.zeros((self.num_slots, in_f, len(cols) * r), dtype=self.dtype, device=self.device)
+                self.bt[key] = [torch.zeros((self.num_slots, r, c1 - c0), dtype=self.dtype, device=self.device)
+                                for c0, c1 in cols]
+            j = GROUPS[group].index(name)
+            ra = mod.a.shape[0]
+            self.at[key][slot, :, j * r:j * r + ra] = mod.a.t()  # [in, ra]
+            self.bt[key][j][slot, :ra] = (mod.b * mod.scale).t()  # [ra, out_j]
 
     def clear(self, slot: int) -> None:
         modules = self._loaded.pop(slot, None)
