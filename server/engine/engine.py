@@ -80,19 +80,28 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            self._run_commands()
-            self._drop_cancelled()
-            admitted = self._admit()
-            if admitted:
-                self._guarded(self._prefill, admitted)
-            if self.running:
-                self._guarded(self._decode, list(self.running))
-            self._report()
+            try:
+                admitted = self._iteration()
+            except Exception:  # a bug here must not stop the engine thread (and hang every client)
+                log.exception("engine iteration failed")
+                admitted = []
             if not self.running and not admitted:
                 self.waiting.wakeup.wait(0.05)
                 self.waiting.wakeup.clear()
         for r in self.running + self.waiting.snapshot():
             self._fail(r, "UNAVAILABLE", "server is shutting down")
+
+    def _iteration(self) -> list[Request]:
+        """One scheduling round: commands, cancellations, admission, prefill, one decode step."""
+        self._run_commands()
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._guarded(self._prefill, admitted)
+        if self.running:
+            self._guarded(self._decode, list(self.running))
+        self._report()
+        return admitted
 
     def _run_commands(self) -> None:
         while True:
@@ -129,7 +138,13 @@ class Engine:
         for r in self.waiting.snapshot():
             if room <= 0:
                 break
-            hit = self.adapters.activate(r.adapter) if r.adapter is not None else None
+            try:
+                hit = self.adapters.activate(r.adapter) if r.adapter is not None else None
+            except Exception as e:  # e.g. a device allocation failing: this request fails, others go on
+                log.exception("adapter activation failed")
+                self.waiting.remove([r])
+                self._fail(r, "INTERNAL", f"adapter could not be loaded: {type(e).__name__}: {e}")
+                continue
             if r.adapter is not None and hit is None:
                 continue  # every adapter slot is busy with running requests: wait, don't fail
             r.prefix_len = r.adapter.spec.num_virtual_tokens if r.adapter is not None else 0

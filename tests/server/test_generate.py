@@ -214,3 +214,25 @@ def test_model_info_health_and_reflection(server):
     reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in reply.list_services_response.service}
     assert {"adapterserve.v1.GenerationService", "adapterserve.v1.AdapterService", "grpc.health.v1.Health"} <= names
+
+
+def test_a_failing_step_fails_its_rows_and_the_server_keeps_serving(server):
+    runtime = server.app.model.runtime
+    original = runtime.forward
+    calls = {"n": 0}
+
+    def flaky(step, cache, all_logits=False):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel fault")
+        return original(step, cache, all_logits)
+
+    runtime.forward = flaky
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            server.generate("boom", max_new_tokens=4)
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "simulated kernel fault" in err.value.details()
+        assert _wait_kv_free(server.app)
+        assert server.generate("fine again", max_new_tokens=4).usage.completion_tokens == 4
+    finally:
+        runtime.forward = original
