@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install serve test lint proto bench demo clean
+.PHONY: install serve test lint proto bench bench-adapters demo clean
 
 # CPU build of torch pinned here so no multi-GB CUDA wheel is ever pulled; pyproject keeps a range.
 $(STAMP): pyproject.toml Makefile
@@ -28,13 +28,15 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check server training clients tests bench || true
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/adapterserve/v1/adapterserve.proto
 
 bench: install
 	$(PY) -m bench.serving $(ARGS)
+
+bench-adapters: install
+	$(PY) -m bench.adapters $(ARGS)
 
 demo: install
 	$(PY) -m training.demo $(ARGS)
