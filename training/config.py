@@ -100,6 +100,7 @@ class CPTArgs(CommonArgs, LoraArgs):
     method: str = opt("lora", "Adapter kind to train.", choices=["lora"])
     packing_strategy: str = opt("wrapped", "How documents are packed into --max-length blocks (bfd_split keeps boundaries).",
                                 choices=["wrapped", "bfd_split"])
+    eval_data: str | None = opt(None, "Held-out text (.txt or .jsonl): its loss is reported before and after training.")
 
 
 @dataclass

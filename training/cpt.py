@@ -27,6 +27,7 @@ def run(cfg: CPTArgs) -> int:
     """Validate the text, train a LoRA on it (packed, all tokens), export and optionally register."""
     check_options(cfg)
     docs = read_text(cfg.data)
+    eval_docs = read_text(cfg.eval_data) if cfg.eval_data else None
     run_ = start_run(cfg, "cpt")
     run_.model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(run_.model_path)
@@ -43,14 +44,20 @@ def run(cfg: CPTArgs) -> int:
         packing=True,
         packing_strategy=cfg.packing_strategy,
         completion_only_loss=False,
+        eval_strategy="no",
     )
     trainer = SFTTrainer(
         model=run_.model_path,
         args=args,
         train_dataset=Dataset.from_list(docs),
+        eval_dataset=Dataset.from_list(eval_docs) if eval_docs else None,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
         callbacks=callbacks(run_),
     )
+    before = trainer.evaluate() if eval_docs else None
     train(run_, trainer)
+    if before is not None:
+        after = trainer.evaluate()
+        say(f"held-out loss ({cfg.eval_data}): {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}")
     return finish(run_)

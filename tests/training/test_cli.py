@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -114,3 +116,22 @@ def test_bad_flag_value_is_argparse_error(capsys):
 def test_register_target_checked_before_training(data_dir, tmp_path, capsys):
     assert run_cli("sft", "--data", data_dir / "sft.jsonl", "--output", tmp_path / "o", "--register", "nohost") == 2
     assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+
+
+@pytest.mark.parametrize("name", ["sft_lora.yaml", "grpo.yaml"])
+def test_example_configs_parse(name):
+    command = yaml.safe_load((CONFIGS / name).read_text())["command"]
+    _, cfg = parse([command, "--config", str(CONFIGS / name)])
+    assert cfg.data and cfg.output
+
+
+@pytest.mark.parametrize("name, kind", [("multi_gpu.yaml", "MULTI_GPU"), ("zero2.yaml", "DEEPSPEED"),
+                                        ("zero3.yaml", "DEEPSPEED"), ("fsdp.yaml", "FSDP")])
+def test_accelerate_configs(name, kind):
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    assert config["distributed_type"] == kind and config["num_processes"] >= 1
+    if kind == "DEEPSPEED":
+        assert config["deepspeed_config"]["zero_stage"] == (3 if "zero3" in name else 2)

@@ -9,10 +9,15 @@ from tests.training.conftest import check_generation_adapter, first_last, losses
 
 def test_cpt_loss_decreases(tiny, data_dir, tmp_path):
     out = tmp_path / "cpt"
+    held_out = tmp_path / "held.txt"
+    held_out.write_text("the quick brown fox 99 jumps over the lazy dog. hello world number 99.\n")
     train_ok("cpt", "--model", tiny, "--data", data_dir / "text.txt", "--output", out, "--max-steps", 20,
-             "--max-length", 64, "--lr", 3e-3, "--logging-steps", 2, "--save-steps", 1000, "--seed", 0)
+             "--max-length", 64, "--lr", 3e-3, "--logging-steps", 2, "--save-steps", 1000, "--seed", 0,
+             "--eval-data", held_out)
     first, last = first_last(losses(out))
     assert last < first * 0.9, (first, last)
+    before, after = losses(out, "eval_loss")
+    assert after < before * 0.9, (before, after)
     check_generation_adapter(out, tiny)
 
 
