@@ -167,11 +167,14 @@ def explicit_fields(cfg: Any) -> dict[str, Any]:
     return out
 
 
+SECRETS = ("register_token",)  # never written to disk
+
+
 def to_yaml(cfg: Any, command: str) -> str:
-    """The resolved configuration as a YAML document that ``--config`` accepts back."""
+    """The resolved configuration as a YAML document that ``--config`` accepts back (secrets left out)."""
     import yaml
 
     body: dict[str, Any] = {"command": command}
     for _, fields in _field_groups(type(cfg)):
-        body.update({f.name: getattr(cfg, f.name) for f in fields})
+        body.update({f.name: getattr(cfg, f.name) for f in fields if f.name not in SECRETS})
     return yaml.safe_dump(body, sort_keys=False)

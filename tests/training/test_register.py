@@ -62,6 +62,7 @@ def test_register_uploads_the_saved_files(tiny, data_dir, tmp_path, fake_server,
     assert request.files.safetensors == (out / "adapter_model.safetensors").read_bytes()
     assert servicer.metadata[0]["authorization"] == "Bearer s3cret"
     assert "registered 'my-adapter'" in capsys.readouterr().out
+    assert "s3cret" not in (out / "training_config.yaml").read_text()  # secrets are not written down
 
 
 def test_register_token_from_environment(tiny, data_dir, tmp_path, fake_server, monkeypatch):
