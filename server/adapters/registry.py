@@ -96,7 +96,8 @@ class AdapterManager:
         self._free_slots = list(range(max_resident))
         self._by_id: dict[str, AdapterEntry] = {}
         self._all: dict[int, AdapterEntry] = {}  # every entry not yet freed, draining ones included
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the id map and reference counts
+        self._admin_lock = threading.Lock()  # serializes register / unregister
         self._keys = itertools.count(1)
         self._lru: collections.OrderedDict[int, AdapterEntry] = collections.OrderedDict()  # resident, oldest first
         self.merged_entry: AdapterEntry | None = None
@@ -109,6 +110,11 @@ class AdapterManager:
         """Install an adapter; returns when it can serve the very next request."""
         if merge and spec.kind != AdapterKind.LORA:
             raise AdapterPreconditionError(f"merge: only LORA adapters can be merged, not {spec.kind.value}")
+        with self._admin_lock:  # one registration at a time: check-then-install stays atomic
+            return self._register(adapter_id, spec, merge, pin, replace, timeout)
+
+    def _register(self, adapter_id: str, spec: AdapterSpec, merge: bool, pin: bool, replace: bool,
+                  timeout: float) -> AdapterEntry:
         with self._lock:
             old = self._by_id.get(adapter_id)
             if old is not None and not replace:
@@ -132,7 +138,7 @@ class AdapterManager:
 
     def unregister(self, adapter_id: str) -> AdapterEntry:
         """Refuse new requests at once; free when the in-flight ones finish."""
-        with self._lock:
+        with self._admin_lock, self._lock:
             entry = self._by_id.pop(adapter_id, None)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter_id {adapter_id!r} is not registered")
