@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 from importlib import metadata
 
@@ -50,6 +51,9 @@ class ServerApp:
     def __init__(self, cfg: ServerConfig, model: LoadedModel | None = None):
         self.cfg = cfg
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        # The engine thread re-takes the GIL after every torch op; a short switch interval keeps
+        # the gRPC thread from holding it for the default 5 ms while a step waits.
+        sys.setswitchinterval(0.0005)
         self.model = model or load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir or None)
         args = self.model.args
         self.max_context = min(cfg.max_context or args.max_position_embeddings, args.max_position_embeddings)

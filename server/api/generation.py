@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 
@@ -21,6 +22,35 @@ from server.metrics import OTHER_LABEL
 from server.request_log import log_request
 
 log = logging.getLogger("adapterserve.api")
+
+
+class EventPump:
+    """Hands engine events to the event loop with one wake-up per burst instead of one per event.
+
+    The engine thread emits an event for every running request each step; waking the loop once
+    and draining them all keeps the loop (and its GIL time) out of the engine thread's way.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: object) -> None:
+        """Called from the engine thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class RequestFailed(Exception):
@@ -55,6 +85,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.limits = limits
         self.model_info = model_info
         self.metrics = metrics
+        self._event_pump: EventPump | None = None
+
+    def _pump(self) -> EventPump:
+        loop = asyncio.get_running_loop()
+        if self._event_pump is None or self._event_pump.loop is not loop:
+            self._event_pump = EventPump(loop)
+        return self._event_pump
 
     async def GetModelInfo(self, request, context):
         return self.model_info
@@ -94,8 +131,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             req = self._build(request, outcome)
             queue: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+            pump = self._pump()
+            req.emit = lambda ev: pump.post(queue, ev)
             outcome.request = req
             self._submit(req)
             deadline = context.time_remaining()
