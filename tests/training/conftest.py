@@ -40,7 +40,7 @@ def train_ok(*args: str) -> None:
     assert code == 0, f"python -m training {' '.join(map(str, args))} exited {code}"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and spinning OpenMP workers on a shared 2-core
     box made each step ~30x slower (the tests' torch is loaded before OMP_WAIT_POLICY could be set)."""

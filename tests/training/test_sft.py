@@ -85,3 +85,35 @@ def test_ptuning_lstm_encoder(tiny, data_dir, tmp_path):
              "--save-steps", 1000)
     assert json.loads((out / "adapter_config.json").read_text())["encoder_reparameterization_type"] == "LSTM"
     assert set(load_file(out / "adapter_model.safetensors")) == {"prompt_embeddings"}
+
+
+def _reply_loss(base, adapter_dir, pairs) -> float:
+    """Mean NLL of the reply tokens given the chat-formatted question, through PeftModel.from_pretrained."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.peft_reference import load_reference_model
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = load_reference_model(base, adapter_dir)
+    total, count = 0.0, 0
+    for question, reply in pairs:
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+        p_ids, r_ids = tok.encode(prompt), tok.encode(reply + "<|im_end|>")
+        ids = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -len(r_ids) - 1:-1]  # [len(reply), vocab]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(r_ids), reduction="sum").item()
+        count += len(r_ids)
+    return total / count
+
+
+@pytest.mark.parametrize("method", ["ptuning", "prefix"])
+def test_reparameterised_prompts_are_saved_as_the_encoder_output(trained, tiny, method):
+    """Loaded from disk (no encoder), the adapter keeps what training learned: the saved tensor is the
+    MLP's output, not its input (which would score like a random prompt)."""
+    pairs = [(f"what is {a} plus {b}?", f"ANSWER: {a + b}") for a, b in [(1, 2), (4, 4), (7, 1), (3, 5)]]
+    base_loss = _reply_loss(tiny, None, pairs)
+    adapter_loss = _reply_loss(tiny, trained[method], pairs)
+    assert adapter_loss < base_loss * 0.9, (base_loss, adapter_loss)

@@ -6,8 +6,8 @@ Tasks were picked so their effect is measurable automatically:
 
 - SFT (sft.jsonl, sft_chat.jsonl): every reply has the fixed format ``ANSWER: <answer>``.
   Measure: share of replies that start with ``ANSWER:`` (base SmolLM2: none).
-- Preferences (prefs.jsonl): chosen = the concise ``ANSWER: <answer>`` reply, rejected = a
-  rambling, hedging reply without the format. Measure: held-out pairwise accuracy of the reward
+- Preferences (prefs.jsonl): chosen = the concise ``ANSWER: <answer>`` reply, rejected = the
+  same answer without the format, either as a short reply or a rambling, hedging one. Measure: held-out pairwise accuracy of the reward
   model; for DPO/GRPO policies the ANSWER-format share.
 - RL prompts (prompts.jsonl): questions only; eval_prompts.jsonl: held-out questions used by
   the demo and by evaluations (never in any training file).
@@ -94,6 +94,12 @@ REJECTED_STYLES = [
     "I'm not sure I can answer that. Maybe {a}? Or maybe something else entirely.",
     "Great question!!! So basically, if you think about it long enough, the answer is probably {a} or so.",
     "{a}, I guess. Why do you want to know?",
+    # short replies without the format: the pair differs in the format, not in length
+    "{a}.",
+    "The answer is {a}.",
+    "It's {a}.",
+    "answer: {a}",
+    "{a}!",
 ]
 
 
