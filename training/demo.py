@@ -24,16 +24,17 @@ FORMAT_PREFIX = "ANSWER:"
 
 
 def replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
-            max_new_tokens: int = 24, backend: str = "server") -> list[tuple[str, str]]:
+            max_new_tokens: int = 24, backend: str = "server", threads: int = 0) -> list[tuple[str, str]]:
     """Greedy (base reply, adapter reply) per prompt, each prompt a user message in the chat template."""
     if backend == "server":
-        return served_replies(model_dir, adapter_dir, prompts, max_new_tokens)
+        return served_replies(model_dir, adapter_dir, prompts, max_new_tokens, threads)
     return peft_replies(model_dir, adapter_dir, prompts, max_new_tokens)
 
 
 def served_replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
-                   max_new_tokens: int = 24) -> list[tuple[str, str]]:
-    """Replies from an adapterserve server started in-process; the adapter is uploaded over gRPC."""
+                   max_new_tokens: int = 24, threads: int = 0) -> list[tuple[str, str]]:
+    """Replies from an adapterserve server started in-process (``threads`` 0 = all cores); the adapter
+    is uploaded over gRPC."""
     import grpc
 
     from adapterserve.v1 import adapterserve_pb2 as pb
@@ -42,7 +43,7 @@ def served_replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequ
     from server.config import ServerConfig
     from training.register import register_adapter
 
-    cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=0)
+    cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=0, threads=threads)
     cfg.validate()
     app = ServerApp(cfg).start()
     try:

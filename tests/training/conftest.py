@@ -29,6 +29,9 @@ def losses(folder: Path, key: str = "loss") -> list[float]:
 
 def run_cli(*args: str) -> int:
     """`python -m training ARGS` in-process; returns the exit code (SystemExit from argparse included)."""
+    import torch
+
+    torch.set_num_threads(1)  # a server started in this process (start_server) sets 2; see one_torch_thread
     try:
         return main([str(a) for a in args])
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)

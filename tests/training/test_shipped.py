@@ -57,7 +57,7 @@ def test_demo_replies_and_table(tiny, data_dir, tmp_path, capsys):
     pairs = replies(tiny, out, prompts, max_new_tokens=6, backend="peft")
     assert len(pairs) == 2 and all(isinstance(b, str) and isinstance(t, str) for b, t in pairs)
     assert [b for b, _ in pairs] != [t for _, t in pairs]
-    assert replies(tiny, out, prompts, max_new_tokens=6, backend="server") == pairs  # served = PEFT
+    assert replies(tiny, out, prompts, max_new_tokens=6, backend="server", threads=1) == pairs  # served = PEFT
     print_side_by_side(prompts, pairs)
     table = capsys.readouterr().out
     assert "with the SFT LoRA adapter" in table and "what is 5 plus 1?" in table
