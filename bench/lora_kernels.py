@@ -36,45 +36,48 @@ def timeit(fn, n=50) -> float:
     return statistics.median(ts) * 1e6
 
 
+def measure(slots: LoraSlots, w: torch.Tensor, bsz: int, seq: int, n_adapters: int) -> tuple[float, ...]:
+    """(base, grouped, gather, segments) microseconds for one batch shape."""
+    x = torch.randn(bsz, seq, 576)
+    rows = [i % n_adapters for i in range(bsz)]
+    out = torch.zeros(bsz, seq, 960)
+    idx = torch.tensor(rows)
+    at, bts = slots.at[(0, "qkv")], slots.bt[(0, "qkv")]
+
+    batch = LoraBatch(slots, rows, None)  # built once per step in the server, shared by every layer
+
+    def grouped():
+        batch._grouped_for = None  # the row grouping is redone per layer input, as in the forward pass
+        batch.apply(0, "qkv", x, out)
+
+    def gather():  # every row gathers its own adapter's weights, then one bmm pair
+        shrunk = torch.bmm(x, at[idx])  # [B, S, 3r]
+        parts = [torch.bmm(shrunk[..., j * RANK:(j + 1) * RANK], bt[idx]) for j, bt in enumerate(bts)]
+        out.add_(torch.cat(parts, -1))
+
+    def segments():  # one matmul pair per adapter present
+        for s in sorted(set(rows)):
+            r = [i for i, v in enumerate(rows) if v == s]
+            shrunk = x[r] @ at[s]
+            out[r] += torch.cat([shrunk[..., j * RANK:(j + 1) * RANK] @ bt[s] for j, bt in enumerate(bts)], -1)
+
+    return (timeit(lambda: torch.nn.functional.linear(x, w)), timeit(grouped), timeit(gather), timeit(segments))
+
+
 def main() -> None:
     torch.manual_seed(0)
     slots = LoraSlots(ARGS, 64, "cpu", torch.float32)
-    host = []
     for s in range(64):
         mods = {(0, m): SimpleNamespace(a=torch.randn(RANK, 576) * 0.01, b=torch.randn(o, RANK) * 0.01, scale=2.0)
                 for m, o in (("q_proj", 576), ("k_proj", 192), ("v_proj", 192))}
         slots.load(s, mods)
-        host.append(mods)
     w = torch.randn(960, 576)
-    a_all = torch.stack([torch.cat([m[(0, p)].a for p in ("q_proj", "k_proj", "v_proj")]) for m in host])  # [S,3r,in]
-    print("| shape | adapters | base matmul us | grouped (ours) us | gather us | segments us |")
+    print("| shape | adapters | base q/k/v matmul us | grouped (ours) us | per-row gather us | segments us |")
     print("|---|---|---|---|---|---|")
     for name, bsz, seq in (("decode B=32", 32, 1), ("prefill 4x128", 4, 128)):
-        x = torch.randn(bsz, seq, 576)
         for n_adapters in (1, 8, 32):
-            rows = [i % n_adapters for i in range(bsz)]
-            out = torch.zeros(bsz, seq, 960)
-            base = timeit(lambda: torch.nn.functional.linear(x, w))
-            grouped = timeit(lambda: LoraBatch(slots, rows, None).apply(0, "qkv", x, out))
-            idx = torch.tensor(rows)
-
-            def gather():
-                a = a_all[idx]  # [B, 3r, in] copy per row
-                b = slots.bt[(0, "qkv")][0][idx]  # [B, r, out_q] copy per row (q part only, lower bound)
-                return torch.bmm(torch.bmm(x, a.transpose(1, 2))[..., :RANK], b)
-
-            def segments():
-                y = torch.zeros(bsz, seq, 960)
-                for s in sorted(set(rows)):
-                    r = [i for i, v in enumerate(rows) if v == s]
-                    xs = x[r]
-                    shr = xs @ slots.at[(0, "qkv")][s]
-                    y[r] += torch.cat([shr[..., j * RANK:(j + 1) * RANK] @ bt[s]
-                                       for j, bt in enumerate(slots.bt[(0, "qkv")])], -1)
-                return y
-
-            print(f"| {name} | {n_adapters} | {base:.0f} | {grouped:.0f} | {timeit(gather):.0f} | "
-                  f"{timeit(segments):.0f} |")
+            base, grouped, gather, segments = measure(slots, w, bsz, seq, n_adapters)
+            print(f"| {name} | {n_adapters} | {base:.0f} | {grouped:.0f} | {gather:.0f} | {segments:.0f} |")
 
 
 if __name__ == "__main__":

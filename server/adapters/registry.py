@@ -301,6 +301,8 @@ class AdapterManager:
             self._merged_backup[(layer, name)] = weight[rows].clone()
             delta = (m.b.double() @ m.a.double()) * m.scale  # [out, in]
             weight[rows] += delta.to(weight.dtype)
+        for layer in {layer for layer, _ in lw.modules}:
+            rt.refresh_layer(layer)
         rank = max(m.a.shape[0] for m in lw.modules.values())
         for layer, group in {(layer, GROUP_OF[name]) for layer, name in lw.modules}:
             self._merged_modules[(layer, group)] = pack_group(rt.args, group, lw.modules, layer, rank, rt.device,
@@ -316,6 +318,8 @@ class AdapterManager:
         for (layer, name), original in self._merged_backup.items():
             weight, rows = self._fused_rows(layer, name)
             weight[rows] = original  # bit-exact restore
+        for layer in {layer for layer, _ in self._merged_backup}:
+            self.runtime.refresh_layer(layer)
         self._merged_backup.clear()
         self._merged_modules = {}
         self.merged_entry = None

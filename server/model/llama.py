@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model.config import ModelArgs
+from server.model.linear import Projection, onednn_usable
 from server.model.weights import ModelWeights
 
 
@@ -83,8 +84,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaRuntime:
     """The forward pass. Weights are frozen tensors; merge-on-load edits them in place (see adapters)."""
 
-    def __init__(self, args: ModelArgs, weights: ModelWeights, device: str, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, weights: ModelWeights, device: str, dtype: torch.dtype,
+                 matmul: str = "onednn"):
         self.args = args
+        self.use_onednn = matmul == "onednn" and onednn_usable(device, dtype)
         self.w = weights
         self.device = device
         self.dtype = dtype
@@ -99,6 +102,18 @@ class LlamaRuntime:
         self.qkv_slices = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
         inter = args.intermediate_size
         self.gate_up_slices = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter)}
+        self.proj = [self._layer_projections(layer) for layer in weights.layers]
+        self.lm_head = Projection(weights.lm_head, use_onednn=self.use_onednn)
+
+    def _layer_projections(self, layer) -> dict[str, Projection]:
+        fast = self.use_onednn
+        return {"qkv": Projection(layer.wqkv, layer.bqkv, fast), "o": Projection(layer.wo, layer.bo, fast),
+                "gate_up": Projection(layer.w_gate_up, use_onednn=fast), "down": Projection(layer.w_down, use_onednn=fast)}
+
+    def refresh_layer(self, index: int) -> None:
+        """Call after editing a layer's dense weights in place (merge-on-load / unmerge)."""
+        for proj in self.proj[index].values():
+            proj.refresh()
 
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
@@ -121,7 +136,8 @@ class LlamaRuntime:
         lora = step.lora
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # [B, S, q + 2kv]
+            proj = self.proj[i]
+            qkv = proj["qkv"](h)  # [B, S, q + 2kv]
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
             q = qkv[..., self.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
@@ -135,21 +151,21 @@ class LlamaRuntime:
             values = cache.v[i][read_slots].transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, S, D]
             attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
-            out = F.linear(attn, layer.wo, layer.bo)
+            out = proj["o"](attn)
             if lora is not None:
                 lora.apply(i, "o", attn, out)
             x = x + out
             h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
-            gate_up = F.linear(h, layer.w_gate_up)  # [B, S, 2*inter]
+            gate_up = proj["gate_up"](h)  # [B, S, 2*inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [B, S, inter]
-            down = F.linear(act, layer.w_down)
+            down = proj["down"](act)
             if lora is not None:
                 lora.apply(i, "down", act, down)
             x = x + down
         if all_logits:
-            return F.linear(rms_norm(x, w.norm, a.rms_norm_eps), w.lm_head).float()  # [B, S, V]
+            return self.lm_head(rms_norm(x, w.norm, a.rms_norm_eps)).float()  # [B, S, V]
         last = x[torch.arange(bsz, device=x.device), step.lengths - 1]  # [B, H]
-        return F.linear(rms_norm(last, w.norm, a.rms_norm_eps), w.lm_head).float()  # [B, V]
+        return self.lm_head(rms_norm(last, w.norm, a.rms_norm_eps)).float()  # [B, V]
