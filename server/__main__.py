@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-# OpenMP threads that spin between matmuls steal the cores the gRPC threads need on small CPU
-# machines; set before torch loads OpenMP (measured: +5-10% tokens/s at 16 streams on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's default (spin ~300k iterations, then sleep) measured best for the server on an idle
+# 2-core machine: PASSIVE (never spin) made each small LoRA op pay a thread wake-up (2.5x slower
+# bmm), ACTIVE (always spin) starved the gRPC threads. Set OMP_WAIT_POLICY or GOMP_SPINCOUNT to
+# override, e.g. PASSIVE on a machine shared with other CPU-heavy work.
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,14 +4,16 @@ The runtime fuses q/k/v and gate/up into single matmuls, so LoRA works per *grou
 projections that share an input: qkv, o, gate_up, down. For each (layer, group) the resident
 adapters live in numbered device slots as two stacked tensors:
 
-    at    [slots, in, G*r]   A transposed, one r-wide block per projection in the group
-    bt[j] [slots, r, out_j]  B transposed and scaled, per projection j
+    at [slots, in, G*r]    A transposed, one r-wide block per projection j of the group
+    bt [slots, G*r, out]   B transposed and scaled, block-diagonal: block j only feeds
+                           projection j's columns of the fused output
 
 zero-padded to the largest resident rank r. A step groups its rows by slot into a padded
-[U, M, in] block (U = the contiguous slot range in use, M = most rows of any one slot), runs
-one shrink bmm per group and one expand bmm per projection over the stacked weights *without
-copying them*, and adds the result into the fused output rows with one index_add. The
-grouping is computed once per step and shared by every layer.
+[U, M, in] block (U = the contiguous slot range in use, M = most rows of any one slot), runs one
+shrink and one expand bmm per group over the stacked weights *without copying them*, and adds
+the result back into the fused output rows with one gather. The grouping is computed once per
+step and shared by every layer. (bench/lora_kernels.py compares this with per-row weight gathers
+and with a loop over adapter segments on this CPU: per-op overhead, not FLOPs, decides here.)
 
 A merged adapter's delta is already in the base weights; rows of other adapters get it back out
 as a dense low-rank correction (-B_m A_m x, same packing).
@@ -44,23 +46,28 @@ def _group_shape(args: ModelArgs, group: str) -> tuple[int, list[tuple[int, int]
     return in_f, cols
 
 
-def pack_group(args: ModelArgs, group: str, modules: dict, layer: int, rank: int,
-               device: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """One adapter's projections of (layer, group) packed as (at [in, G*r], [bt_j [r, out_j] per projection]).
+def _write_module(at: torch.Tensor, bt: torch.Tensor, args: ModelArgs, name: str, mod, rank: int) -> None:
+    """Copy one projection's A^T [in, r] and scaled B^T [r, out_j] into its blocks of at [in, G*r], bt [G*r, out]."""
+    group = GROUP_OF[name]
+    j = GROUPS[group].index(name)
+    c0, c1 = _group_shape(args, group)[1][j]
+    r = mod.a.shape[0]
+    at[:, j * rank:j * rank + r] = mod.a.t()
+    bt[j * rank:j * rank + r, c0:c1] = (mod.b * mod.scale).t()
 
-    Projections the adapter does not target get zero blocks; None if it targets none of the group.
-    """
-    in_f, cols = _group_shape(args, group)
-    present = {j: modules[(layer, m)] for j, m in enumerate(GROUPS[group]) if (layer, m) in modules}
-    if not present:
+
+def pack_group(args: ModelArgs, group: str, modules: dict, layer: int, rank: int,
+               device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One adapter's projections of (layer, group) as (at [in, G*r], bt [G*r, out]); None if it has none."""
+    names = [m for m in GROUPS[group] if (layer, m) in modules]
+    if not names:
         return None
-    at = torch.zeros((in_f, len(cols) * rank), dtype=torch.float32)
-    bts = [torch.zeros((rank, c1 - c0), dtype=torch.float32) for c0, c1 in cols]
-    for j, mod in present.items():
-        r = mod.a.shape[0]
-        at[:, j * rank:j * rank + r] = mod.a.t()  # [in, r]
-        bts[j][:r] = (mod.b * mod.scale).t()  # [r, out_j]
-    return at.to(device, dtype), [bt.to(device, dtype) for bt in bts]
+    in_f, cols = _group_shape(args, group)
+    at = torch.zeros((in_f, len(cols) * rank), dtype=dtype, device=device)
+    bt = torch.zeros((len(cols) * rank, cols[-1][1]), dtype=dtype, device=device)
+    for name in names:
+        _write_module(at, bt, args, name, modules[(layer, name)], rank)
+    return at, bt
 
 
 class LoraSlots:
@@ -73,7 +80,7 @@ class LoraSlots:
         self.dtype = dtype
         self.rank = 0  # padded rank of every block
         self.at: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, in, G*r]
-        self.bt: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> [[slots, r, out_j] per projection]
+        self.bt: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, G*r, out]
         self._loaded: dict[int, dict] = {}  # slot -> the adapter's modules (host), to repack on growth
 
     def load(self, slot: int, modules: dict) -> None:
@@ -90,20 +97,15 @@ class LoraSlots:
             self._write(slot, modules)
 
     def _write(self, slot: int, modules: dict) -> None:
-        """Copy each projection's A^T and scaled B^T straight into its block of the slot (no staging)."""
-        r = self.rank
+        """Copy each projection straight into its blocks of the slot (no staging tensors)."""
         for (layer, name), mod in modules.items():
-            group = GROUP_OF[name]
-            key = (layer, group)
+            key = (layer, GROUP_OF[name])
             if key not in self.at:
-                in_f, cols = _group_shape(self.args, group)
-                self.at[key] = torch.zeros((self.num_slots, in_f, len(cols) * r), dtype=self.dtype, device=self.device)
-                self.bt[key] = [torch.zeros((self.num_slots, r, c1 - c0), dtype=self.dtype, device=self.device)
-                                for c0, c1 in cols]
-            j = GROUPS[group].index(name)
-            ra = mod.a.shape[0]
-            self.at[key][slot, :, j * r:j * r + ra] = mod.a.t()  # [in, ra]
-            self.bt[key][j][slot, :ra] = (mod.b * mod.scale).t()  # [ra, out_j]
+                in_f, cols = _group_shape(self.args, key[1])
+                width = len(cols) * self.rank
+                self.at[key] = torch.zeros((self.num_slots, in_f, width), dtype=self.dtype, device=self.device)
+                self.bt[key] = torch.zeros((self.num_slots, width, cols[-1][1]), dtype=self.dtype, device=self.device)
+            _write_module(self.at[key][slot], self.bt[key][slot], self.args, name, mod, self.rank)
 
     def clear(self, slot: int) -> None:
         modules = self._loaded.pop(slot, None)
@@ -112,19 +114,17 @@ class LoraSlots:
         for key in {(layer, GROUP_OF[m]) for layer, m in modules}:
             if key in self.at:
                 self.at[key][slot].zero_()
-                for stacked in self.bt[key]:
-                    stacked[slot].zero_()
+                self.bt[key][slot].zero_()
 
     def nbytes(self) -> int:
-        tensors = [*self.at.values(), *(t for bts in self.bt.values() for t in bts)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in [*self.at.values(), *self.bt.values()])
 
 
 @dataclass
 class MergedCorrection:
     """The merged adapter, packed per (layer, group), and which rows must have its delta removed."""
 
-    packed: dict  # (layer, group) -> (at [in, G*r], [bt_j [r, out_j]])
+    packed: dict  # (layer, group) -> (at [in, G*r], bt [G*r, out])
     sign: torch.Tensor  # [B, 1, 1]: -1 for rows of other adapters or the base, 0 for the merged adapter's rows
 
 
@@ -146,25 +146,30 @@ class LoraBatch:
                 groups.setdefault(s, []).append(row)
         self.m = max(len(v) for v in groups.values())
         self.u = hi - self.lo + 1
-        pad_row = len(row_slots)  # index of an all-zero row appended to x / y
+        bsz = len(row_slots)
+        self.has_base_rows = any(s < 0 for s in row_slots)
+        pad_row = 0  # padded positions read any real row; their outputs are never read back
+        zero_pos = self.u * self.m  # a zero row appended to the output for base rows
         gather = [pad_row] * (self.u * self.m)  # [U*M]: source row of each padded position
-        back = [self.u * self.m] * len(row_slots)  # [B]: padded position of each row (zero row for base rows)
+        back = [zero_pos] * bsz  # [B]: padded position of each row
         for s, rows in groups.items():
             for j, row in enumerate(rows):
                 pos = (s - self.lo) * self.m + j
                 gather[pos] = row
                 back[row] = pos
+        # One adapter for every row, in order: grouping is the identity and needs no gathers.
+        self.identity = self.u == 1 and self.m == bsz and not self.has_base_rows
         self.gather = torch.tensor(gather, device=slots.device)
-        rows_with = [row for row, s in enumerate(row_slots) if s >= 0]
-        self.rows = torch.tensor(rows_with, device=slots.device)  # [N]: rows that carry a LoRA
-        self.pos = torch.tensor([back[row] for row in rows_with], device=slots.device)  # [N]: their padded position
+        self.back = torch.tensor(back, device=slots.device)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, in] -> [U, M*S, in] rows grouped by slot (cached while x is the same tensor)."""
         if self._grouped_for is not x:
             bsz, seq, d = x.shape
-            flat = torch.cat([x.reshape(bsz, seq * d), x.new_zeros(1, seq * d)])  # [B+1, S*in]
-            self._grouped_x = flat[self.gather].view(self.u, self.m * seq, d)
+            if self.identity:
+                self._grouped_x = x.reshape(1, bsz * seq, d)
+            else:
+                self._grouped_x = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
             self._grouped_for = x
         return self._grouped_x
 
@@ -174,17 +179,18 @@ class LoraBatch:
         bsz, seq, _ = x.shape
         if self.active and key in self.slots.at:
             at = self.slots.at[key][self.lo:self.lo + self.u]  # [U, in, G*r] (a view: no copy)
-            shrunk = torch.bmm(self._grouped(x), at)  # [U, M*S, G*r]
-            r = self.slots.rank
-            parts = [torch.bmm(shrunk[..., j * r:(j + 1) * r], bt[self.lo:self.lo + self.u])  # [U, M*S, out_j]
-                     for j, bt in enumerate(self.slots.bt[key])]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [U, M*S, out]
-            y = y.view(self.u * self.m, seq * out.shape[-1]).index_select(0, self.pos)  # [N, S*out]
-            out.view(bsz, seq * out.shape[-1]).index_add_(0, self.rows, y)
+            bt = self.slots.bt[key][self.lo:self.lo + self.u]  # [U, G*r, out]
+            y = torch.bmm(torch.bmm(self._grouped(x), at), bt)  # [U, M*S, out]
+            n_out = y.shape[-1]
+            if self.identity:
+                out += y.view(bsz, seq, n_out)
+            else:
+                # Back to row order with one gather (base rows read an appended zero row); index_add_
+                # (a scatter) measured 20x slower on this CPU than gather + add.
+                y = y.view(self.u * self.m, seq * n_out)
+                if self.has_base_rows:
+                    y = torch.cat([y, y.new_zeros(1, seq * n_out)])
+                out += y.index_select(0, self.back).view(bsz, seq, n_out)
         if self.merged is not None and key in self.merged.packed:
-            at_m, bts_m = self.merged.packed[key]
-            shrunk = x @ at_m  # [B, S, G*r]
-            r = bts_m[0].shape[0]
-            parts = [shrunk[..., j * r:(j + 1) * r] @ bt for j, bt in enumerate(bts_m)]
-            corr = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [B, S, out]
-            out.addcmul_(corr, self.merged.sign)
+            at_m, bt_m = self.merged.packed[key]
+            out.addcmul_((x @ at_m) @ bt_m, self.merged.sign)  # rows of other adapters: -B_m A_m x

@@ -130,7 +130,7 @@ class LlamaRuntime:
         kv_len = step.start + step.lengths  # [B]
         t_max = int(kv_len.max())
         k_index = torch.arange(t_max, device=x.device)  # [T]
-        read_slots = cache.slots(step.block_tables, k_index.expand(bsz, t_max))  # [B, T]
+        read_flat = cache.slots(step.block_tables, k_index.expand(bsz, t_max)).reshape(-1)  # [B*T]
         mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
         mask = mask[:, None]  # [B, 1, S, T]
         lora = step.lora
@@ -147,8 +147,9 @@ class LlamaRuntime:
             k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, S, Hkv, D]
             cache.k[i][write_slots] = k[valid]
             cache.v[i][write_slots] = v[valid]
-            keys = cache.k[i][read_slots].transpose(1, 2)  # [B, Hkv, T, D]
-            values = cache.v[i][read_slots].transpose(1, 2)
+            kv_shape = (bsz, t_max, a.num_kv_heads, a.head_dim)
+            keys = cache.k[i].index_select(0, read_flat).view(kv_shape).transpose(1, 2)  # [B, Hkv, T, D]
+            values = cache.v[i].index_select(0, read_flat).view(kv_shape).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, S, D]
             attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
             out = proj["o"](attn)
