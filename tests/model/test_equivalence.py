@@ -107,3 +107,19 @@ def test_default_model_matches_transformers(matmul):
     assert (ours - ref).abs().max().item() < TOLERANCE[matmul]
     assert our_tokens[: len(ref_tokens)] == ref_tokens  # generate() stops at EOS
     assert model.tokenizer.decode(our_tokens).strip()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_dtypes_run_close_to_float32(tiny_model_factory, dtype):
+    folder = tiny_model_factory("qwen2")
+    full = load_model(str(folder))
+    low = load_model(str(folder), dtype=dtype)
+    assert low.runtime.w.layers[0].wqkv.dtype == getattr(torch, dtype)
+    ids = full.tokenizer.encode("hello world, this is")
+    ref, _ = _prefill_and_decode(full, ids, 1)
+    cache = PagedKVCache(low.args, num_pages=8, page_size=8, dtype=getattr(torch, dtype), device="cpu")
+    step = StepInput(start=torch.tensor([0]), lengths=torch.tensor([len(ids)]), block_tables=torch.arange(8)[None],
+                     input_ids=torch.tensor([ids]))
+    logits = low.runtime.forward(step, cache, all_logits=True)[0]
+    assert logits.dtype == torch.float32
+    assert (logits - ref).abs().max().item() < 0.1  # reduced-precision rounding, not a different model
