@@ -14,10 +14,8 @@ from training.runtime import (
     callbacks,
     check_options,
     finish,
-    load_tokenizer,
-    resolve_model,
     say,
-    start_run,
+    start_model_run,
     train,
     training_arguments,
 )
@@ -28,9 +26,7 @@ def run(cfg: CPTArgs) -> int:
     check_options(cfg)
     docs = read_text(cfg.data)
     eval_docs = read_text(cfg.eval_data) if cfg.eval_data else None
-    run_ = start_run(cfg, "cpt")
-    run_.model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(run_.model_path)
+    run_, tokenizer = start_model_run(cfg, "cpt")
 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

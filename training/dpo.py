@@ -14,10 +14,8 @@ from training.runtime import (
     callbacks,
     check_options,
     finish,
-    load_tokenizer,
-    resolve_model,
     say,
-    start_run,
+    start_model_run,
     train,
     training_arguments,
 )
@@ -28,9 +26,7 @@ def run(cfg: DPOArgs) -> int:
     check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
-    run_ = start_run(cfg, "dpo")
-    run_.model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(run_.model_path)
+    run_, tokenizer = start_model_run(cfg, "dpo")
     chat = tokenizer.chat_template is not None
 
     from datasets import Dataset

@@ -24,7 +24,7 @@ from training.runtime import (
     load_tokenizer,
     resolve_model,
     say,
-    start_run,
+    start_model_run,
     train,
     training_arguments,
 )
@@ -70,9 +70,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
     if (cfg.batch_size * cfg.grad_accum) % cfg.num_generations:
         raise UsageError(f"--batch-size x --grad-accum ({cfg.batch_size * cfg.grad_accum}) must be a multiple of "
                          f"--num-generations ({cfg.num_generations})")
-    run_ = start_run(cfg, command)
-    run_.model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(run_.model_path)
+    run_, tokenizer = start_model_run(cfg, command)
     chat = tokenizer.chat_template is not None
     common = training_arguments(run_, cfg.lr if cfg.lr is not None else default_lr(command, "lora"))
     reward_model, reward_tokenizer = load_reward_model(cfg.reward_model, common["model_init_kwargs"]["dtype"])

@@ -16,10 +16,8 @@ from training.runtime import (
     callbacks,
     check_options,
     finish,
-    load_tokenizer,
-    resolve_model,
     say,
-    start_run,
+    start_model_run,
     train,
     training_arguments,
 )
@@ -32,9 +30,7 @@ def run(cfg: RewardArgs) -> int:
     check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed)
-    run_ = start_run(cfg, "reward")
-    run_.model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(run_.model_path)
+    run_, tokenizer = start_model_run(cfg, "reward")
     chat = tokenizer.chat_template is not None
 
     from datasets import Dataset

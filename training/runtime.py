@@ -100,6 +100,13 @@ def start_run(cfg: CommonArgs, command: str) -> Run:
     return run
 
 
+def start_model_run(cfg: CommonArgs, command: str) -> tuple[Run, Any]:
+    """:func:`start_run`, then resolve ``--model`` into ``run.model_path`` and load its tokenizer."""
+    run = start_run(cfg, command)
+    run.model_path = resolve_model(cfg.model)
+    return run, load_tokenizer(run.model_path)
+
+
 def resolve_model(name: str) -> str:
     """``default`` -> the converted SmolLM2-135M-Instruct folder; a local folder -> itself.
 

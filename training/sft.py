@@ -15,10 +15,8 @@ from training.runtime import (
     callbacks,
     check_options,
     finish,
-    load_tokenizer,
-    resolve_model,
     say,
-    start_run,
+    start_model_run,
     train,
     training_arguments,
 )
@@ -29,9 +27,7 @@ def run(cfg: SFTArgs) -> int:
     check_method_options(cfg.method, explicit_fields(cfg))
     check_options(cfg)
     rows = read_sft(cfg.data)  # before any model work: bad lines fail fast
-    run_ = start_run(cfg, "sft")
-    run_.model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(run_.model_path)
+    run_, tokenizer = start_model_run(cfg, "sft")
     chat = bool(cfg.chat_template and tokenizer.chat_template)
     examples = sft_to_trl(rows, chat, cfg.data)
 
