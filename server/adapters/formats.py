@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from server.adapters.errors import AdapterFormatError, AdapterPathError
@@ -278,8 +279,7 @@ def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     header = json.loads(data[8:8 + n])
     body = memoryview(data)[8 + n:]
     tensors = {}
-    # Views straight into the file's bytes, one copy each into float32. (safetensors.torch.load
-    # does the same job but measured 30x slower inside the busy server process: 58 ms vs 2 ms.)
+    # Views straight into the file's bytes, one copy each into float32.
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -297,6 +297,11 @@ def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
             raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: unknown dtype {str(info.get('dtype'))[:20]}")
         if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
             raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: {str(name)[:120]} does not fit its bytes")
+        if dtype == torch.float32:
+            # A plain single-threaded memcpy (no OpenMP team from a request thread).
+            flat = np.frombuffer(body, dtype=np.float32, count=count, offset=start).copy()
+            tensors[name] = torch.from_numpy(flat).view(*shape)
+            continue
         with warnings.catch_warnings():  # the bytes are read-only; the view is copied right away
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(body, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
