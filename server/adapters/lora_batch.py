@@ -157,8 +157,10 @@ class LoraBatch:
                 pos = (s - self.lo) * self.m + j
                 gather[pos] = row
                 back[row] = pos
-        # One adapter for every row, in order: grouping is the identity and needs no gathers.
-        self.identity = self.u == 1 and self.m == bsz and not self.has_base_rows
+        # Rows already in slot order with the same count per slot (the engine sorts rows by slot; an
+        # even spread over adapters, or a single adapter, gives this): grouping is a reshape.
+        self.identity = (not self.has_base_rows and bsz == self.u * self.m
+                         and row_slots == [self.lo + i // self.m for i in range(bsz)])
         self.gather = torch.tensor(gather, device=slots.device)
         self.back = torch.tensor(back, device=slots.device)
 
@@ -167,7 +169,7 @@ class LoraBatch:
         if self._grouped_for is not x:
             bsz, seq, d = x.shape
             if self.identity:
-                self._grouped_x = x.reshape(1, bsz * seq, d)
+                self._grouped_x = x.reshape(self.u, self.m * seq, d)
             else:
                 self._grouped_x = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
             self._grouped_for = x
