@@ -157,7 +157,14 @@ class Engine:
             r.admitted_at = time.perf_counter()
             if hit is not None and self.metrics is not None:
                 self.metrics.adapter_cache(hit)  # once per admitted request
-            self._write_prefix(r)
+            try:
+                self._write_prefix(r)
+            except Exception as e:  # fail this request alone; its pages and adapter are released
+                log.exception("writing the adapter prefix failed")
+                self.waiting.remove([r])
+                self.running.append(r)  # so _release also deactivates the adapter
+                self._fail(r, "INTERNAL", f"adapter prefix could not be written: {type(e).__name__}: {e}")
+                continue
             admitted.append(r)
             room -= 1
         self.waiting.remove(admitted)
@@ -175,7 +182,8 @@ class Engine:
             return
         keys, values = prefix  # [L, H_kv, n, D] each
         n = keys.shape[2]
-        assert n == r.prefix_len, "pages were reserved for a different prefix length"
+        if n != r.prefix_len:
+            raise RuntimeError(f"pages were reserved for {r.prefix_len} prefix entries, the adapter has {n}")
         table = torch.tensor([r.pages], device=self.runtime.device)
         slots = self.cache.slots(table, torch.arange(n, device=self.runtime.device)[None])[0]
         self.cache.write_prefix(keys, values, slots)
