@@ -116,9 +116,6 @@ class LoraSlots:
                 self.at[key][slot].zero_()
                 self.bt[key][slot].zero_()
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.at.values(), *self.bt.values()])
-
 
 @dataclass
 class MergedCorrection:

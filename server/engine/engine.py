@@ -97,7 +97,7 @@ class Engine:
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:
-            self._guarded(self._prefill, admitted)
+            self._prefill(admitted)  # each chunk is guarded on its own
         if self.running:
             self._guarded(self._decode, list(self.running))
         self._report()
