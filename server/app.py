@@ -64,7 +64,8 @@ class ServerApp:
             page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
             max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics)
         self.adapters = AdapterManager(self.model.runtime, self.engine.call, max_resident=cfg.max_resident_adapters,
-                                       memory_bytes=cfg.adapter_memory_bytes, metrics=self.metrics)
+                                       memory_bytes=cfg.adapter_memory_bytes, metrics=self.metrics,
+                                       lora_threads=cfg.lora_threads)
         self.engine.adapters = self.adapters
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
         self.port: int | None = None

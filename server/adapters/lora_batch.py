@@ -2,25 +2,31 @@
 
 The runtime fuses q/k/v and gate/up into single matmuls, so LoRA works per *group* of
 projections that share an input: qkv, o, gate_up, down. For each (layer, group) the resident
-adapters live in numbered device slots as two stacked tensors:
+adapters live in numbered device slots:
 
-    at [slots, in, G*r]    A transposed, one r-wide block per projection j of the group
-    bt [slots, G*r, out]   B transposed and scaled, block-diagonal: block j only feeds
-                           projection j's columns of the fused output
+    at [slots, in, G*r]          A transposed, one r-wide block per projection j of the group
+    bt [slots, n, r, w]  (runs)  B transposed and scaled, one tensor per *run* of n consecutive
+                                 projections of equal width w (Llama with GQA: [q] and [k, v];
+                                 [gate, up]; [o]; [down]) -- no zero blocks are stored or read
 
 zero-padded to the largest resident rank r. A step groups its rows by slot into a padded
 [U, M, in] block (U = the contiguous slot range in use, M = most rows of any one slot), runs one
-shrink and one expand bmm per group over the stacked weights *without copying them*, and adds
-the result back into the fused output rows with one gather. The grouping is computed once per
-step and shared by every layer. (bench/lora_kernels.py compares this with per-row weight gathers
-and with a loop over adapter segments on this CPU: per-op overhead, not FLOPs, decides here.)
+shrink bmm per group and one expand bmm per run over the stacked weights *without copying them*,
+and adds the result into the fused output (in place when the rows already come grouped, else
+with one gather). The grouping is computed once per step and shared by every layer.
+
+Decoding is memory-bound here: at rank 16, eight adapters' weights are a third of the base
+model's bytes, so bytes read per step decide the cost (bench/lora_kernels.py compares layouts on
+this CPU). Storing B block-diagonally, one [G*r, out] matrix per group, read 1.5x the bytes.
 
 A merged adapter's delta is already in the base weights; rows of other adapters get it back out
-as a dense low-rank correction (-B_m A_m x, same packing).
+as a dense low-rank correction (-B_m A_m x, block-diagonal packing, one adapter only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +52,36 @@ def _group_shape(args: ModelArgs, group: str) -> tuple[int, list[tuple[int, int]
     return in_f, cols
 
 
-def _write_module(at: torch.Tensor, bt: torch.Tensor, args: ModelArgs, name: str, mod, rank: int) -> None:
-    """Copy one projection's A^T [in, r] and scaled B^T [r, out_j] into its blocks of at [in, G*r], bt [G*r, out]."""
-    group = GROUP_OF[name]
-    j = GROUPS[group].index(name)
-    c0, c1 = _group_shape(args, group)[1][j]
-    r = mod.a.shape[0]
-    at[:, j * rank:j * rank + r] = mod.a.t()
-    bt[j * rank:j * rank + r, c0:c1] = (mod.b * mod.scale).t()
+@dataclass(frozen=True)
+class Run:
+    """Consecutive projections j0..j1-1 of a group with the same output width w, from column c0."""
+
+    j0: int
+    j1: int
+    c0: int
+    w: int
+
+    @property
+    def n(self) -> int:
+        return self.j1 - self.j0
+
+
+def group_runs(args: ModelArgs, group: str) -> list[Run]:
+    """Split a group's projections into runs of equal output width (one batched expand each)."""
+    _, cols = _group_shape(args, group)
+    runs: list[Run] = []
+    for j, (c0, c1) in enumerate(cols):
+        if runs and runs[-1].w == c1 - c0:
+            last = runs[-1]
+            runs[-1] = Run(last.j0, j + 1, last.c0, last.w)
+        else:
+            runs.append(Run(j, j + 1, c0, c1 - c0))
+    return runs
 
 
 def pack_group(args: ModelArgs, group: str, modules: dict, layer: int, rank: int,
                device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One adapter's projections of (layer, group) as (at [in, G*r], bt [G*r, out]); None if it has none."""
+    """One adapter's projections of (layer, group) as (at [in, G*r], bt [G*r, out] block-diagonal); None if none."""
     names = [m for m in GROUPS[group] if (layer, m) in modules]
     if not names:
         return None
@@ -66,21 +89,28 @@ def pack_group(args: ModelArgs, group: str, modules: dict, layer: int, rank: int
     at = torch.zeros((in_f, len(cols) * rank), dtype=dtype, device=device)
     bt = torch.zeros((len(cols) * rank, cols[-1][1]), dtype=dtype, device=device)
     for name in names:
-        _write_module(at, bt, args, name, modules[(layer, name)], rank)
+        mod = modules[(layer, name)]
+        j = GROUPS[group].index(name)
+        c0, c1 = cols[j]
+        r = mod.a.shape[0]
+        at[:, j * rank:j * rank + r] = mod.a.t()
+        bt[j * rank:j * rank + r, c0:c1] = (mod.b * mod.scale).t()
     return at, bt
 
 
 class LoraSlots:
     """Device storage for up to `num_slots` resident LoRA adapters."""
 
-    def __init__(self, args: ModelArgs, num_slots: int, device: str, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, num_slots: int, device: str, dtype: torch.dtype, decode_threads: int = 0):
         self.args = args
         self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
+        self.decode_threads = decode_threads  # CPU threads for decode-step LoRA matmuls (0 = torch's setting)
         self.rank = 0  # padded rank of every block
+        self.runs = {g: group_runs(args, g) for g in GROUPS}
         self.at: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, in, G*r]
-        self.bt: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, G*r, out]
+        self.bt: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> per run [slots, n, r, w]
         self._loaded: dict[int, dict] = {}  # slot -> the adapter's modules (host), to repack on growth
 
     def load(self, slot: int, modules: dict) -> None:
@@ -99,13 +129,21 @@ class LoraSlots:
     def _write(self, slot: int, modules: dict) -> None:
         """Copy each projection straight into its blocks of the slot (no staging tensors)."""
         for (layer, name), mod in modules.items():
-            key = (layer, GROUP_OF[name])
+            group = GROUP_OF[name]
+            key = (layer, group)
             if key not in self.at:
-                in_f, cols = _group_shape(self.args, key[1])
-                width = len(cols) * self.rank
-                self.at[key] = torch.zeros((self.num_slots, in_f, width), dtype=self.dtype, device=self.device)
-                self.bt[key] = torch.zeros((self.num_slots, width, cols[-1][1]), dtype=self.dtype, device=self.device)
-            _write_module(self.at[key][slot], self.bt[key][slot], self.args, name, mod, self.rank)
+                self._allocate(key)
+            j = GROUPS[group].index(name)
+            run_index, run = next((i, run) for i, run in enumerate(self.runs[group]) if run.j0 <= j < run.j1)
+            r = mod.a.shape[0]
+            self.at[key][slot, :, j * self.rank:j * self.rank + r] = mod.a.t()
+            self.bt[key][run_index][slot, j - run.j0, :r] = (mod.b * mod.scale).t()
+
+    def _allocate(self, key: tuple[int, str]) -> None:
+        in_f, cols = _group_shape(self.args, key[1])
+        zeros = dict(dtype=self.dtype, device=self.device)
+        self.at[key] = torch.zeros((self.num_slots, in_f, len(cols) * self.rank), **zeros)
+        self.bt[key] = [torch.zeros((self.num_slots, run.n, self.rank, run.w), **zeros) for run in self.runs[key[1]]]
 
     def clear(self, slot: int) -> None:
         modules = self._loaded.pop(slot, None)
@@ -114,7 +152,8 @@ class LoraSlots:
         for key in {(layer, GROUP_OF[m]) for layer, m in modules}:
             if key in self.at:
                 self.at[key][slot].zero_()
-                self.bt[key][slot].zero_()
+                for bt in self.bt[key]:
+                    bt[slot].zero_()
 
 
 @dataclass
@@ -126,75 +165,130 @@ class MergedCorrection:
 
 
 class LoraBatch:
-    """The per-step LoRA contributions (implements server.model.llama.LoraDelta)."""
+    """The per-step LoRA contributions (implements server.model.llama.LoraDelta).
+
+    Rows come in one of three layouts, recognized once per step and shared by every layer:
+
+    - grouped: after any leading base rows, slots lo..hi in order with M rows each (the engine
+      sorts rows by slot, so an even spread over adapters, or a single adapter, gives this). The
+      grouping is a view, and each expand adds straight into the output rows.
+    - segments (steps of several tokens per row, i.e. prefill): each slot's rows are contiguous;
+      one shrink and expand per slot over its rows, whose tokens make the matrices large.
+    - anything else: rows are gathered into a padded [U, M] grid and gathered back.
+    """
 
     def __init__(self, slots: LoraSlots, row_slots: list[int], merged: MergedCorrection | None):
         self.slots = slots
         self.merged = merged
         self.active = any(s >= 0 for s in row_slots)
-        self._grouped_for: torch.Tensor | None = None
         if not self.active:
             return
-        used = sorted({s for s in row_slots if s >= 0})
-        self.lo, hi = used[0], used[-1]
-        groups: dict[int, list[int]] = {}
-        for row, s in enumerate(row_slots):
-            if s >= 0:
-                groups.setdefault(s, []).append(row)
-        self.m = max(len(v) for v in groups.values())
-        self.u = hi - self.lo + 1
+        lora_rows = [(row, s) for row, s in enumerate(row_slots) if s >= 0]
+        counts: dict[int, int] = {}
+        for _, s in lora_rows:
+            counts[s] = counts.get(s, 0) + 1
+        self.lo, hi = min(counts), max(counts)
+        self.u = hi - self.lo + 1  # the contiguous slot range in use
+        self.m = max(counts.values())  # most rows of any one slot
+        self.first = lora_rows[0][0]  # rows before it are base rows
         bsz = len(row_slots)
-        self.has_base_rows = any(s < 0 for s in row_slots)
+        self.identity = (self.first + self.u * self.m == bsz
+                         and row_slots[self.first:] == [self.lo + i // self.m for i in range(self.u * self.m)])
+        self.segments: list[tuple[int, int, int]] = []  # (slot, first row, end row)
+        for row, s in lora_rows:
+            if self.segments and self.segments[-1][0] == s and self.segments[-1][2] == row:
+                self.segments[-1] = (s, self.segments[-1][1], row + 1)
+            else:
+                self.segments.append((s, row, row + 1))
+        if len(self.segments) != len(counts):  # some slot's rows are split: no segment layout
+            self.segments = []
+        self.has_base_rows = len(lora_rows) < bsz
         pad_row = 0  # padded positions read any real row; their outputs are never read back
         zero_pos = self.u * self.m  # a zero row appended to the output for base rows
         gather = [pad_row] * (self.u * self.m)  # [U*M]: source row of each padded position
         back = [zero_pos] * bsz  # [B]: padded position of each row
-        for s, rows in groups.items():
-            for j, row in enumerate(rows):
-                pos = (s - self.lo) * self.m + j
-                gather[pos] = row
-                back[row] = pos
-        # Rows already in slot order with the same count per slot (the engine sorts rows by slot; an
-        # even spread over adapters, or a single adapter, gives this): grouping is a reshape.
-        self.identity = (not self.has_base_rows and bsz == self.u * self.m
-                         and row_slots == [self.lo + i // self.m for i in range(bsz)])
+        seen: dict[int, int] = {}
+        for row, s in lora_rows:
+            pos = (s - self.lo) * self.m + seen.get(s, 0)
+            seen[s] = seen.get(s, 0) + 1
+            gather[pos] = row
+            back[row] = pos
         self.gather = torch.tensor(gather, device=slots.device)
         self.back = torch.tensor(back, device=slots.device)
-
-    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, S, in] -> [U, M*S, in] rows grouped by slot (cached while x is the same tensor)."""
-        if self._grouped_for is not x:
-            bsz, seq, d = x.shape
-            if self.identity:
-                self._grouped_x = x.reshape(self.u, self.m * seq, d)
-            else:
-                self._grouped_x = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
-            self._grouped_for = x
-        return self._grouped_x
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the LoRA contribution for x [B, S, in] into the fused `group` output out [B, S, out] in place."""
         key = (layer, group)
-        bsz, seq, _ = x.shape
-        if self.active and key in self.slots.at:
-            at = self.slots.at[key][self.lo:self.lo + self.u]  # [U, in, G*r] (a view: no copy)
-            bt = self.slots.bt[key][self.lo:self.lo + self.u]  # [U, G*r, out]
-            shrunk = torch.bmm(self._grouped(x), at)  # [U, M*S, G*r]
-            n_out = bt.shape[-1]
-            if self.identity and out.is_contiguous():  # rows already grouped: expand straight into out
-                out.view(self.u, self.m * seq, n_out).baddbmm_(shrunk, bt)
-            elif self.identity:
-                out += torch.bmm(shrunk, bt).view(bsz, seq, n_out)
-            else:
-                # Back to row order with one gather (base rows read an appended zero row); index_add_
-                # (a scatter) measured 20x slower on this CPU than gather + add.
-                y = torch.bmm(shrunk, bt).view(self.u * self.m, seq * n_out)
-                if self.has_base_rows:
-                    y = torch.cat([y, y.new_zeros(1, seq * n_out)])
-                out += y.index_select(0, self.back).view(bsz, seq, n_out)
-        self._merged(key, x, out)
+        with _cpu_threads(self.slots.decode_threads if x.shape[1] == 1 and x.device.type == "cpu" else 0):
+            if self.active and key in self.slots.at:
+                if self.identity and out.is_contiguous():
+                    self._add_grouped(key, x[self.first:], out[self.first:], self.lo, self.u, self.m)
+                elif self.segments and x.shape[1] > 1 and out.is_contiguous():
+                    for slot, start, end in self.segments:
+                        self._add_grouped(key, x[start:end], out[start:end], slot, 1, end - start)
+                else:
+                    self._add_gathered(key, x, out)
+            self._merged(key, x, out)
+
+    def _add_grouped(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor, lo: int, u: int, m: int) -> None:
+        """Rows of x [u*m, S, in] are m rows each of slots lo..lo+u-1: add into out [u*m, S, out] (contiguous)."""
+        seq, d, n_out = x.shape[1], x.shape[2], out.shape[-1]
+        shrunk = torch.bmm(x.reshape(u, m * seq, d), self.slots.at[key][lo:lo + u])  # [U, M*S, G*r]
+        self._expand(key, shrunk, out.view(u, m * seq, n_out), lo)
+
+    def _add_gathered(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor) -> None:
+        """Any row layout: gather rows into the padded [U, M] grid, expand, gather back into row order."""
+        bsz, seq, d = x.shape
+        n_out = out.shape[-1]
+        grouped = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
+        shrunk = torch.bmm(grouped, self.slots.at[key][self.lo:self.lo + self.u])  # [U, M*S, G*r]
+        y = shrunk.new_zeros(self.u, self.m * seq, n_out)  # [U, M*S, out]
+        self._expand(key, shrunk, y, self.lo)
+        # Back to row order with one gather (base rows read an appended zero row); index_add_ (a
+        # scatter) measured 20x slower on this CPU than gather + add.
+        y = y.view(self.u * self.m, seq * n_out)
+        if self.has_base_rows:
+            y = torch.cat([y, y.new_zeros(1, seq * n_out)])
+        out += y.index_select(0, self.back).view(bsz, seq, n_out)
+
+    def _expand(self, key: tuple[int, str], shrunk: torch.Tensor, target: torch.Tensor, lo: int) -> None:
+        """target [U, M*S, out] += each run's B^T (slots lo..lo+U-1) applied to its blocks of shrunk [U, M*S, G*r]."""
+        u, ms, _ = shrunk.shape
+        r = self.slots.rank
+        for run, bt in zip(self.slots.runs[key[1]], self.slots.bt[key], strict=True):
+            b = bt[lo:lo + u]  # [U, n, r, w] (a view)
+            s = shrunk[..., run.j0 * r:run.j1 * r]  # [U, M*S, n*r]
+            t = target[..., run.c0:run.c0 + run.n * run.w]  # [U, M*S, n*w]
+            if run.n == 1 and t.is_contiguous():  # the whole group is one projection (o, down)
+                t.baddbmm_(s, b.view(u, r, run.w))
+            elif run.n == 1:
+                t += torch.bmm(s, b.view(u, r, run.w))
+            else:  # n projections of width w as one bmm over U*n matrices
+                s_n = s.reshape(u, ms, run.n, r).transpose(1, 2).reshape(u * run.n, ms, r)  # [U*n, M*S, r]
+                y = torch.bmm(s_n, b.reshape(u * run.n, r, run.w)).view(u, run.n, ms, run.w)
+                t.view(u, ms, run.n, run.w).add_(y.transpose(1, 2))
 
     def _merged(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor) -> None:
         if self.merged is not None and key in self.merged.packed:
             at_m, bt_m = self.merged.packed[key]
             out.addcmul_((x @ at_m) @ bt_m, self.merged.sign)  # rows of other adapters: -B_m A_m x
+
+
+@contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    """Run the block's torch CPU ops on `n` threads (0 = unchanged).
+
+    Measured on the 2-core development VM, in the server: a decode step's LoRA matmuls are small
+    (a few rows per adapter) and memory-bound, and as two-thread parallel regions each one waits at
+    a barrier whenever the gRPC threads hold the other core. On one thread a step with eight
+    rank-16 adapters spent 18 ms in LoRA instead of 21, and with one adapter 10 ms instead of 18.
+    """
+    previous = torch.get_num_threads()
+    if n <= 0 or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -86,13 +86,14 @@ class AdapterEntry:
 class AdapterManager:
     """Owns every registered adapter, the LoRA slots and the merged-adapter state."""
 
-    def __init__(self, runtime, engine_call, *, max_resident: int, memory_bytes: int, metrics=None):
+    def __init__(self, runtime, engine_call, *, max_resident: int, memory_bytes: int, metrics=None,
+                 lora_threads: int = 0):
         self.runtime = runtime
         self.call = engine_call  # fn -> Future, runs on the engine thread
         self.max_resident = max_resident
         self.memory_bytes = memory_bytes
         self.metrics = metrics
-        self.slots = LoraSlots(runtime.args, max_resident, runtime.device, runtime.dtype)
+        self.slots = LoraSlots(runtime.args, max_resident, runtime.device, runtime.dtype, lora_threads)
         self._free_slots = list(range(max_resident))
         self._by_id: dict[str, AdapterEntry] = {}
         self._all: dict[int, AdapterEntry] = {}  # every entry not yet freed, draining ones included

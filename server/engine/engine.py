@@ -208,6 +208,7 @@ class Engine:
             self._guarded(self._prefill_chunk, chunk)
 
     def _prefill_chunk(self, batch: list[Request]) -> None:
+        batch = sorted(batch, key=_lora_slot)  # rows grouped by adapter slot, as in _decode
         t0 = time.perf_counter()
         dev = self.runtime.device
         seq = max(len(r.prompt_ids) for r in batch)

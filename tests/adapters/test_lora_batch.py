@@ -41,13 +41,15 @@ def _reference(adapters, row_slots, layer, group, x):
     return torch.stack(outs)
 
 
+# layout -> (rows' slots, grouped in place, one segment per slot)
 LAYOUTS = {
-    "one adapter": [0, 0, 0, 0],
-    "even, sorted": [0, 0, 1, 1, 2, 2],
-    "even, unsorted": [2, 0, 1, 0, 2, 1],
-    "uneven": [0, 0, 0, 2],
-    "with base rows": [-1, 1, -1, 3, 3],
-    "gap in slots": [0, 3, 3, 0],
+    "one adapter": ([0, 0, 0, 0], True, True),
+    "even, sorted": ([0, 0, 1, 1, 2, 2], True, True),
+    "base rows first, then even": ([-1, -1, 1, 2, 3], True, True),
+    "even, unsorted": ([2, 0, 1, 0, 2, 1], False, False),
+    "uneven, sorted": ([0, 0, 0, 2], False, True),
+    "with base rows": ([-1, 1, -1, 3, 3], False, True),
+    "gap in slots": ([0, 3, 3, 0], False, False),
 }
 
 
@@ -58,9 +60,10 @@ def test_every_row_gets_exactly_its_own_adapter(layout, seq):
     slots = LoraSlots(ARGS, 4, "cpu", torch.float32)
     for i, mods in enumerate(adapters):
         slots.load(i, mods)
-    rows = LAYOUTS[layout]
+    rows, grouped, segmented = LAYOUTS[layout]
     batch = LoraBatch(slots, rows, None)
-    assert batch.identity == (layout in ("one adapter", "even, sorted"))
+    assert batch.identity == grouped
+    assert bool(batch.segments) == segmented
     for layer in range(ARGS.num_layers):
         for group in GROUPS:
             in_f = ARGS.linear_shape(GROUPS[group][0])[1]
