@@ -3,8 +3,8 @@
     python -m bench.lora_kernels
 
 Compares, for one fused q/k/v group of the default model's width, rank 16:
-  grouped   rows grouped by adapter slot, bmm over the stacked slot weights, B stored per run of
-            equal-width projections (ours: server/adapters/lora_batch.py)
+  grouped   rows grouped by adapter slot, bmm over the stacked slot weights, B stored per
+            projection (ours: server/adapters/lora_batch.py)
   blockdiag the same grouping with B stored block-diagonally as one [3r, out] matrix per slot
             (one expand bmm, but 1.5x the bytes: the layout before)
   gather    per-row gather of each row's A/B (block-diagonal), then bmm (punica "bgmv" style)

@@ -4,20 +4,19 @@ The runtime fuses q/k/v and gate/up into single matmuls, so LoRA works per *grou
 projections that share an input: qkv, o, gate_up, down. For each (layer, group) the resident
 adapters live in numbered device slots:
 
-    at [slots, in, G*r]          A transposed, one r-wide block per projection j of the group
-    bt [slots, n, r, w]  (runs)  B transposed and scaled, one tensor per *run* of n consecutive
-                                 projections of equal width w (Llama with GQA: [q] and [k, v];
-                                 [gate, up]; [o]; [down]) -- no zero blocks are stored or read
+    at [slots, in, G*r]      A transposed, one r-wide block per projection j of the group
+    bt[j] [slots, r, out_j]  B transposed and scaled, one tensor per projection of the group
 
 zero-padded to the largest resident rank r. A step groups its rows by slot into a padded
 [U, M, in] block (U = the contiguous slot range in use, M = most rows of any one slot), runs one
-shrink bmm per group and one expand bmm per run over the stacked weights *without copying them*,
-and adds the result into the fused output (in place when the rows already come grouped, else
-with one gather). The grouping is computed once per step and shared by every layer.
+shrink bmm per group and one expand bmm per projection over the stacked weights *without copying
+them*, and adds the result into the fused output (in place when the rows already come grouped,
+else with one gather). The grouping is computed once per step and shared by every layer.
 
-Decoding is memory-bound here: at rank 16, eight adapters' weights are a third of the base
-model's bytes, so bytes read per step decide the cost (bench/lora_kernels.py compares layouts on
-this CPU). Storing B block-diagonally, one [G*r, out] matrix per group, read 1.5x the bytes.
+Decoding reads every resident adapter's weights each step: at rank 16, eight adapters are a
+third of the base model's bytes, so bytes and the number of ops decide the cost. (B stored
+block-diagonally, one [G*r, out] matrix per group, needed one op fewer but read 1.5x the bytes;
+bench/lora_kernels.py compares the layouts.)
 
 A merged adapter's delta is already in the base weights; rows of other adapters get it back out
 as a dense low-rank correction (-B_m A_m x, block-diagonal packing, one adapter only).
@@ -52,33 +51,6 @@ def _group_shape(args: ModelArgs, group: str) -> tuple[int, list[tuple[int, int]
     return in_f, cols
 
 
-@dataclass(frozen=True)
-class Run:
-    """Consecutive projections j0..j1-1 of a group with the same output width w, from column c0."""
-
-    j0: int
-    j1: int
-    c0: int
-    w: int
-
-    @property
-    def n(self) -> int:
-        return self.j1 - self.j0
-
-
-def group_runs(args: ModelArgs, group: str) -> list[Run]:
-    """Split a group's projections into runs of equal output width (one batched expand each)."""
-    _, cols = _group_shape(args, group)
-    runs: list[Run] = []
-    for j, (c0, c1) in enumerate(cols):
-        if runs and runs[-1].w == c1 - c0:
-            last = runs[-1]
-            runs[-1] = Run(last.j0, j + 1, last.c0, last.w)
-        else:
-            runs.append(Run(j, j + 1, c0, c1 - c0))
-    return runs
-
-
 def pack_group(args: ModelArgs, group: str, modules: dict, layer: int, rank: int,
                device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One adapter's projections of (layer, group) as (at [in, G*r], bt [G*r, out] block-diagonal); None if none."""
@@ -108,10 +80,24 @@ class LoraSlots:
         self.dtype = dtype
         self.decode_threads = decode_threads  # CPU threads for decode-step LoRA matmuls (0 = torch's setting)
         self.rank = 0  # padded rank of every block
-        self.runs = {g: group_runs(args, g) for g in GROUPS}
+        self.columns = {g: _group_shape(args, g)[1] for g in GROUPS}  # group -> [(c0, c1)] per projection
         self.at: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group) -> [slots, in, G*r]
-        self.bt: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> per run [slots, n, r, w]
+        self.bt: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> per projection [slots, r, out_j]
         self._loaded: dict[int, dict] = {}  # slot -> the adapter's modules (host), to repack on growth
+        self._views: dict[tuple[int, int], dict] = {}  # (lo, u) -> the slot range's operands, see operands()
+
+    def operands(self, lo: int, u: int) -> dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Views of slots lo..lo+u-1 per (layer, group): (at [U, in, G*r], per projection B^T [U, r, out_j]).
+
+        Cached per slot range (a decode step reuses the last one), so a layer issues no view ops.
+        """
+        views = self._views.get((lo, u))
+        if views is None:
+            views = {key: (at[lo:lo + u], [bt[lo:lo + u] for bt in self.bt[key]]) for key, at in self.at.items()}
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views[(lo, u)] = views
+        return views
 
     def load(self, slot: int, modules: dict) -> None:
         """Write an adapter's modules {(layer, "q_proj"): LoraModule(a [r,in], b [out,r], scale)} into `slot`."""
@@ -121,6 +107,7 @@ class LoraSlots:
         if rank > self.rank:  # a bigger adapter arrived: repack every resident one at the new width
             self.rank = rank
             self.at, self.bt = {}, {}
+            self._views.clear()
             for s, mods in self._loaded.items():
                 self._write(s, mods)
         else:
@@ -134,16 +121,16 @@ class LoraSlots:
             if key not in self.at:
                 self._allocate(key)
             j = GROUPS[group].index(name)
-            run_index, run = next((i, run) for i, run in enumerate(self.runs[group]) if run.j0 <= j < run.j1)
             r = mod.a.shape[0]
             self.at[key][slot, :, j * self.rank:j * self.rank + r] = mod.a.t()
-            self.bt[key][run_index][slot, j - run.j0, :r] = (mod.b * mod.scale).t()
+            torch.mul(mod.b.t(), mod.scale, out=self.bt[key][j][slot, :r])
 
     def _allocate(self, key: tuple[int, str]) -> None:
         in_f, cols = _group_shape(self.args, key[1])
         zeros = dict(dtype=self.dtype, device=self.device)
         self.at[key] = torch.zeros((self.num_slots, in_f, len(cols) * self.rank), **zeros)
-        self.bt[key] = [torch.zeros((self.num_slots, run.n, self.rank, run.w), **zeros) for run in self.runs[key[1]]]
+        self.bt[key] = [torch.zeros((self.num_slots, self.rank, c1 - c0), **zeros) for c0, c1 in cols]
+        self._views.clear()
 
     def clear(self, slot: int) -> None:
         modules = self._loaded.pop(slot, None)
@@ -173,7 +160,8 @@ class LoraBatch:
       sorts rows by slot, so an even spread over adapters, or a single adapter, gives this). The
       grouping is a view, and each expand adds straight into the output rows.
     - segments (steps of several tokens per row, i.e. prefill): each slot's rows are contiguous;
-      one shrink and expand per slot over its rows, whose tokens make the matrices large.
+      one shrink and expand per slot over its rows, whose tokens make the matrices large (a
+      31-row prefill over 8 adapters: +109 ms of LoRA this way, +326 ms gathered).
     - anything else: rows are gathered into a padded [U, M] grid and gathered back.
     """
 
@@ -233,17 +221,19 @@ class LoraBatch:
     def _add_grouped(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor, lo: int, u: int, m: int) -> None:
         """Rows of x [u*m, S, in] are m rows each of slots lo..lo+u-1: add into out [u*m, S, out] (contiguous)."""
         seq, d, n_out = x.shape[1], x.shape[2], out.shape[-1]
-        shrunk = torch.bmm(x.reshape(u, m * seq, d), self.slots.at[key][lo:lo + u])  # [U, M*S, G*r]
-        self._expand(key, shrunk, out.view(u, m * seq, n_out), lo)
+        at, bts = self.slots.operands(lo, u)[key]
+        shrunk = torch.bmm(x.reshape(u, m * seq, d), at)  # [U, M*S, G*r]
+        self._expand(key[1], shrunk, out.view(u, m * seq, n_out), bts)
 
     def _add_gathered(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor) -> None:
         """Any row layout: gather rows into the padded [U, M] grid, expand, gather back into row order."""
         bsz, seq, d = x.shape
         n_out = out.shape[-1]
         grouped = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
-        shrunk = torch.bmm(grouped, self.slots.at[key][self.lo:self.lo + self.u])  # [U, M*S, G*r]
+        at, bts = self.slots.operands(self.lo, self.u)[key]
+        shrunk = torch.bmm(grouped, at)  # [U, M*S, G*r]
         y = shrunk.new_zeros(self.u, self.m * seq, n_out)  # [U, M*S, out]
-        self._expand(key, shrunk, y, self.lo)
+        self._expand(key[1], shrunk, y, bts)
         # Back to row order with one gather (base rows read an appended zero row); index_add_ (a
         # scatter) measured 20x slower on this CPU than gather + add.
         y = y.view(self.u * self.m, seq * n_out)
@@ -251,22 +241,14 @@ class LoraBatch:
             y = torch.cat([y, y.new_zeros(1, seq * n_out)])
         out += y.index_select(0, self.back).view(bsz, seq, n_out)
 
-    def _expand(self, key: tuple[int, str], shrunk: torch.Tensor, target: torch.Tensor, lo: int) -> None:
-        """target [U, M*S, out] += each run's B^T (slots lo..lo+U-1) applied to its blocks of shrunk [U, M*S, G*r]."""
-        u, ms, _ = shrunk.shape
+    def _expand(self, group: str, shrunk: torch.Tensor, target: torch.Tensor, bts: list[torch.Tensor]) -> None:
+        """target [U, M*S, out] += B_j^T (bts[j]: [U, r, w_j]) applied to projection j's block of shrunk [U, M*S, G*r]."""
         r = self.slots.rank
-        for run, bt in zip(self.slots.runs[key[1]], self.slots.bt[key], strict=True):
-            b = bt[lo:lo + u]  # [U, n, r, w] (a view)
-            s = shrunk[..., run.j0 * r:run.j1 * r]  # [U, M*S, n*r]
-            t = target[..., run.c0:run.c0 + run.n * run.w]  # [U, M*S, n*w]
-            if run.n == 1 and t.is_contiguous():  # the whole group is one projection (o, down)
-                t.baddbmm_(s, b.view(u, r, run.w))
-            elif run.n == 1:
-                t += torch.bmm(s, b.view(u, r, run.w))
-            else:  # n projections of width w as one bmm over U*n matrices
-                s_n = s.reshape(u, ms, run.n, r).transpose(1, 2).reshape(u * run.n, ms, r)  # [U*n, M*S, r]
-                y = torch.bmm(s_n, b.reshape(u * run.n, r, run.w)).view(u, run.n, ms, run.w)
-                t.view(u, ms, run.n, run.w).add_(y.transpose(1, 2))
+        if len(bts) == 1:  # the whole group is one projection (o, down)
+            target.baddbmm_(shrunk, bts[0])
+            return
+        for j, ((c0, c1), b) in enumerate(zip(self.slots.columns[group], bts, strict=True)):
+            target[..., c0:c1].baddbmm_(shrunk[..., j * r:(j + 1) * r], b)
 
     def _merged(self, key: tuple[int, str], x: torch.Tensor, out: torch.Tensor) -> None:
         if self.merged is not None and key in self.merged.packed:

@@ -57,7 +57,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("seq", [1, 3])
 def test_every_row_gets_exactly_its_own_adapter(layout, seq):
     adapters = _adapters(4)
-    slots = LoraSlots(ARGS, 4, "cpu", torch.float32)
+    slots = LoraSlots(ARGS, 4, "cpu", torch.float32, decode_threads=1)
     for i, mods in enumerate(adapters):
         slots.load(i, mods)
     rows, grouped, segmented = LAYOUTS[layout]
@@ -71,3 +71,16 @@ def test_every_row_gets_exactly_its_own_adapter(layout, seq):
             out = torch.zeros(len(rows), seq, sum(ARGS.linear_shape(m)[0] for m in GROUPS[group]))
             batch.apply(layer, group, x, out)
             torch.testing.assert_close(out, _reference(adapters, rows, layer, group, x), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_lora_threads_are_restored_after_each_op():
+    """--lora-threads applies to the LoRA matmuls of decode steps only; the base model keeps its threads."""
+    slots = LoraSlots(ARGS, 4, "cpu", torch.float32, decode_threads=1)
+    slots.load(0, _adapters(1)[0])
+    batch = LoraBatch(slots, [0, 0], None)
+    before = torch.get_num_threads()
+    x = torch.randn(2, 1, ARGS.hidden_size)
+    out = torch.zeros(2, 1, sum(ARGS.linear_shape(m)[0] for m in GROUPS["qkv"]))
+    batch.apply(0, "qkv", x, out)
+    assert torch.get_num_threads() == before
+    assert out.abs().sum() > 0
