@@ -260,10 +260,11 @@ class LoraBatch:
 def _cpu_threads(n: int) -> Iterator[None]:
     """Run the block's torch CPU ops on `n` threads (0 = unchanged).
 
-    Measured on the 2-core development VM, in the server: a decode step's LoRA matmuls are small
-    (a few rows per adapter) and memory-bound, and as two-thread parallel regions each one waits at
-    a barrier whenever the gRPC threads hold the other core. On one thread a step with eight
-    rank-16 adapters spent 18 ms in LoRA instead of 21, and with one adapter 10 ms instead of 18.
+    Measured on the 2-core development VM, in the server under 32 streams: a decode step's LoRA
+    matmuls are small (a few rows per adapter), and as two-thread parallel regions each one waits
+    at a barrier whenever the gRPC threads hold the other core. With them on one thread, eight
+    rank-16 adapters ran at 0.79x of base-only throughput instead of 0.72x, one adapter at 0.84x
+    instead of 0.72x (isolated from the server, two threads are faster).
     """
     previous = torch.get_num_threads()
     if n <= 0 or n == previous:
