@@ -1,6 +1,6 @@
 """Multi-adapter benchmark: adapterserve's mixed batches vs PEFT, baselines in the same run.
 
-    python -m bench.adapters --requests 32 --max-new-tokens 64 --repeats 2
+    python -m bench.adapters --requests 32 --max-new-tokens 64 --repeats 3
 
 Builds rank-16 LoRA adapters on every linear layer of the model (plus prompt-tuning and prefix
 adapters) in PEFT's format, serves them, and reports throughput ratios:
@@ -80,6 +80,15 @@ def load(target, prompts, adapters, max_new, repeats):
     return statistics.median(r.tokens_per_s for r in runs)
 
 
+def interleaved(target, prompts, loads: dict[str, list[str]], max_new, repeats) -> dict[str, float]:
+    """Median tok/s of each load, run in rounds (A, B, C, A, B, C, ...) so the host's drift hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in loads}
+    for _ in range(repeats):
+        for name, adapters in loads.items():
+            samples[name].append(load(target, prompts, adapters, max_new, 1))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def peft_baselines(folder: Path, root: Path, names: list[str], prompts: list[str], max_new: int,
                    sequential_requests: int) -> tuple[float, float]:
     """(mixed-batch generate(adapter_names=) tok/s, set_adapter + generate per request tok/s)."""
@@ -116,7 +125,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the loads (medians reported)")
     ap.add_argument("--scaling", default="1,8,64", help="adapter counts for the scaling rows")
     ap.add_argument("--sequential-requests", type=int, default=4, help="requests timed for the per-request baseline")
     args = ap.parse_args()
@@ -141,19 +150,21 @@ def main() -> None:
                            "--log-level", "WARNING", threads=threads)
     results: dict[str, float] = {}
     try:
-        reg_ms = [register(server.target, n, n) for n in loras + others]
+        reg_ms = []
+        for n in loras + others:  # one at a time on an idle server, as an operator registers them
+            reg_ms.append(register(server.target, n, n))
+            time.sleep(0.2)
         results["register p50 ms (rank-16 LoRA)"] = statistics.median(reg_ms[:len(loras)])
-        asyncio.run(run_load(server.target, prompts[:4], ["", loras[0]], 4, 4))  # warm-up
-        results["base only"] = load(server.target, prompts, [""], args.max_new_tokens, args.repeats)
-        results["8 LoRA"] = load(server.target, prompts, loras[:8], args.max_new_tokens, args.repeats)
-        results["8 LoRA + 4 prompt + 4 prefix"] = load(server.target, prompts, loras[:8] + others,
-                                                       args.max_new_tokens, args.repeats)
-        for n in scaling:
-            results[f"{n} LoRA adapters"] = load(server.target, prompts, loras[:n], args.max_new_tokens, args.repeats)
+        # Warm-up: every adapter of the measured loads has served a request before timing starts.
+        asyncio.run(run_load(server.target, prompts, [""] + loras[:max(scaling)] + others, 4, len(prompts)))
+        loads = {"base only": [""], "8 LoRA": loras[:8], "8 LoRA + 4 prompt + 4 prefix": loras[:8] + others}
+        loads.update({f"{n} LoRA adapters": loras[:n] for n in scaling if n != 8})
+        results.update(interleaved(server.target, prompts, loads, args.max_new_tokens, args.repeats))
         unregister(server.target, loras[0])
         register(server.target, loras[0], loras[0], merge=True)
-        results["merged adapter only"] = load(server.target, prompts, [loras[0]], args.max_new_tokens, args.repeats)
-        results["base only (merge active)"] = load(server.target, prompts, [""], args.max_new_tokens, args.repeats)
+        results.update(interleaved(server.target, prompts, {"merged adapter only": [loras[0]],
+                                                            "base only (merge active)": [""]},
+                                   args.max_new_tokens, args.repeats))
     finally:
         server.stop()
     mixed, per_request = peft_baselines(folder, root, loras[:8], prompts, args.max_new_tokens,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from server.adapters.errors import AdapterFormatError, AdapterPathError
+from server.adapters.host_buffers import SPARE_BUFFERS
 from server.model.config import LINEAR_MODULES, ModelArgs
 
 __all__ = [
@@ -278,7 +279,7 @@ def _read_weights_file(path: Path, cap: int, too_big: str) -> torch.Tensor:
         size = path.stat().st_size
         if size > cap:
             raise AdapterFormatError(too_big)
-        buf = torch.empty(size, dtype=torch.uint8)
+        buf = SPARE_BUFFERS.take(size)
         with path.open("rb") as f:
             got = f.readinto(memoryview(buf.numpy()))
             grew = bool(f.read(1))
@@ -293,7 +294,7 @@ def _as_buffer(data: bytes | torch.Tensor) -> torch.Tensor:
     """One uint8 tensor holding the bytes (a single copy for bytes from a gRPC message)."""
     if isinstance(data, torch.Tensor):
         return data
-    buf = torch.empty(len(data), dtype=torch.uint8)
+    buf = SPARE_BUFFERS.take(len(data))
     buf.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
     return buf
 
