@@ -41,15 +41,16 @@ def _reference(adapters, row_slots, layer, group, x):
     return torch.stack(outs)
 
 
-# layout -> (rows' slots, grouped in place, one segment per slot)
+# layout -> (rows' slots, blocks (consecutive slots with equal row counts in consecutive rows))
 LAYOUTS = {
-    "one adapter": ([0, 0, 0, 0], True, True),
-    "even, sorted": ([0, 0, 1, 1, 2, 2], True, True),
-    "base rows first, then even": ([-1, -1, 1, 2, 3], True, True),
-    "even, unsorted": ([2, 0, 1, 0, 2, 1], False, False),
-    "uneven, sorted": ([0, 0, 0, 2], False, True),
-    "with base rows": ([-1, 1, -1, 3, 3], False, True),
-    "gap in slots": ([0, 3, 3, 0], False, False),
+    "one adapter": ([0, 0, 0, 0], 1),
+    "even, sorted": ([0, 0, 1, 1, 2, 2], 1),
+    "base rows first, then even": ([-1, -1, 1, 2, 3], 1),
+    "uneven, sorted": ([0, 0, 1, 1, 2], 2),
+    "uneven, sorted, four blocks": ([0, 0, 0, 1, 2, 2, 3], 4),
+    "with base rows between": ([-1, 1, -1, 3, 3], 2),
+    "even, unsorted": ([2, 0, 1, 0, 2, 1], 0),
+    "gap in slots": ([0, 3, 3, 0], 0),
 }
 
 
@@ -60,10 +61,9 @@ def test_every_row_gets_exactly_its_own_adapter(layout, seq):
     slots = LoraSlots(ARGS, 4, "cpu", torch.float32, decode_threads=1)
     for i, mods in enumerate(adapters):
         slots.load(i, mods)
-    rows, grouped, segmented = LAYOUTS[layout]
+    rows, blocks = LAYOUTS[layout]
     batch = LoraBatch(slots, rows, None)
-    assert batch.identity == grouped
-    assert bool(batch.segments) == segmented
+    assert len(batch.blocks) == blocks
     for layer in range(ARGS.num_layers):
         for group in GROUPS:
             in_f = ARGS.linear_shape(GROUPS[group][0])[1]
