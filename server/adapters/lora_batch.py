@@ -196,20 +196,26 @@ class LoraBatch:
                         self.blocks[-1] = (lo, u + 1, m, first)
                         continue
                 self.blocks.append((s, 1, end - start, start))
-        bsz = len(row_slots)
-        self.has_base_rows = len(lora_rows) < bsz
-        pad_row = 0  # padded positions read any real row; their outputs are never read back
-        zero_pos = self.u * self.m  # a zero row appended to the output for base rows
-        gather = [pad_row] * (self.u * self.m)  # [U*M]: source row of each padded position
-        back = [zero_pos] * bsz  # [B]: padded position of each row
-        seen: dict[int, int] = {}
-        for row, s in lora_rows:
-            pos = (s - self.lo) * self.m + seen.get(s, 0)
-            seen[s] = seen.get(s, 0) + 1
-            gather[pos] = row
-            back[row] = pos
-        self.gather = torch.tensor(gather, device=slots.device)
-        self.back = torch.tensor(back, device=slots.device)
+        self._lora_rows, self._bsz = lora_rows, len(row_slots)
+        self._indices: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _gather_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gather [U*M]: source row of each padded position, back [B]: padded position of each row),
+        built on first use: steps that go by blocks never need them."""
+        if self._indices is None:
+            pad_row = 0  # padded positions read any real row; their outputs are never read back
+            zero_pos = self.u * self.m  # a zero row appended to the output for base rows
+            gather = [pad_row] * (self.u * self.m)
+            back = [zero_pos] * self._bsz
+            seen: dict[int, int] = {}
+            for row, s in self._lora_rows:
+                pos = (s - self.lo) * self.m + seen.get(s, 0)
+                seen[s] = seen.get(s, 0) + 1
+                gather[pos] = row
+                back[row] = pos
+            device = self.slots.device
+            self._indices = torch.tensor(gather, device=device), torch.tensor(back, device=device)
+        return self._indices
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the LoRA contribution for x [B, S, in] into the fused `group` output out [B, S, out] in place."""
@@ -235,7 +241,8 @@ class LoraBatch:
         """Any row layout: gather rows into the padded [U, M] grid, expand, gather back into row order."""
         bsz, seq, d = x.shape
         n_out = out.shape[-1]
-        grouped = x.reshape(bsz, seq * d).index_select(0, self.gather).view(self.u, self.m * seq, d)
+        gather, back = self._gather_indices()
+        grouped = x.reshape(bsz, seq * d).index_select(0, gather).view(self.u, self.m * seq, d)
         at, bts = self.slots.operands(self.lo, self.u)[key]
         shrunk = torch.bmm(grouped, at)  # [U, M*S, G*r]
         y = shrunk.new_zeros(self.u, self.m * seq, n_out)  # [U, M*S, out]
@@ -243,9 +250,9 @@ class LoraBatch:
         # Back to row order with one gather (base rows read an appended zero row); index_add_ (a
         # scatter) measured 20x slower on this CPU than gather + add.
         y = y.view(self.u * self.m, seq * n_out)
-        if self.has_base_rows:
+        if len(self._lora_rows) < bsz:  # base rows read the appended zero row
             y = torch.cat([y, y.new_zeros(1, seq * n_out)])
-        out += y.index_select(0, self.back).view(bsz, seq, n_out)
+        out += y.index_select(0, back).view(bsz, seq, n_out)
 
     def _expand(self, group: str, shrunk: torch.Tensor, target: torch.Tensor, bts: list[torch.Tensor]) -> None:
         """target [U, M*S, out] += B_j^T (bts[j]: [U, r, w_j]) applied to projection j's block of shrunk [U, M*S, G*r]."""
