@@ -15,7 +15,16 @@ import torch.nn.functional as F
 
 
 def onednn_usable(device: str, dtype: torch.dtype) -> bool:
-    return device == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    """Whether oneDNN's packed matmul can run `dtype` on this CPU (detected, never assumed).
+
+    bf16 needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU oneDNN refuses to pack a
+    bf16 weight, and the projection falls back to ``F.linear``.
+    """
+    if device != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Projection:
