@@ -26,6 +26,7 @@ from server.adapters.formats import AdapterLimits
 from server.adapters.registry import AdapterManager
 from server.api.adapters import AdapterServicer
 from server.api.generation import GenerationServicer
+from server.api.malformed import MalformedMessageInterceptor
 from server.api.security import add_listen_port, server_interceptors
 from server.api.validation import MAX_TOP_LOGPROBS, Limits
 from server.config import ServerConfig
@@ -101,7 +102,9 @@ class ServerApp:
         cfg = self.cfg
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
-        server = grpc.aio.server(interceptors=server_interceptors(cfg), options=opts)
+        # Auth first (a denied call is never parsed), then malformed messages -> INVALID_ARGUMENT.
+        interceptors = [*server_interceptors(cfg), MalformedMessageInterceptor()]
+        server = grpc.aio.server(interceptors=interceptors, options=opts)
         limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size)
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(

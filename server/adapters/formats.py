@@ -19,9 +19,12 @@ Facts checked against peft 0.21 (see tests/adapters/test_formats.py):
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -29,8 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.adapters.config_fields import (
+    COMMON_FIELDS,
+    LORA_FIELDS,
+    PROMPT_FIELDS,
+    check_fields,
+    check_scale,
+    is_int,
+)
 from server.adapters.errors import AdapterFormatError, AdapterPathError
 from server.adapters.host_buffers import SPARE_BUFFERS
+from server.adapters.patterns import PatternTable, shown
+from server.adapters.safetensors_file import MAX_HEADER_BYTES, WEIGHTS_NAME, name_shown, read_header
 from server.model.config import LINEAR_MODULES, ModelArgs
 
 __all__ = [
@@ -40,10 +53,12 @@ __all__ = [
 ]
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
-MAX_HEADER_BYTES = 8 << 20  # safetensors JSON header; also the slack on top of the tensor bytes
+MAX_PATH_CHARS = 1024  # a RegisterAdapter path; each component at most NAME_MAX (255 bytes)
+# Every tensor value must be finite and at most float16's largest value in magnitude, so weights
+# stay finite in any serving dtype (trained adapters hold values far below 1e3).
+MAX_ABS_VALUE = 65504.0
 
 _ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
@@ -140,53 +155,76 @@ def validate_adapter_id(adapter_id: str) -> None:
 def resolve_adapter_path(root: str | Path, rel_path: str) -> Path:
     """Resolve `rel_path` under `root` (following symlinks) to an existing folder inside `root`.
 
-    Refuses empty, absolute and ``..`` paths, paths whose resolution leaves the root (e.g. a symlink
-    pointing out of it), and paths that are not folders. Raises AdapterPathError.
+    Refuses empty, absolute, ``..`` and over-long paths, paths whose resolution leaves the root
+    (e.g. a symlink pointing out of it) or loops, and paths that are not folders. Raises
+    AdapterPathError; messages never show the server's own paths.
     """
     if not rel_path or "\x00" in rel_path:
         raise AdapterPathError("path must name a folder relative to the adapter root")
+    if len(rel_path) > MAX_PATH_CHARS or any(len(p.encode()) > 255 for p in re.split(r"[/\\]", rel_path)):
+        raise AdapterPathError(f"path is too long (at most {MAX_PATH_CHARS} characters, 255 bytes per component)")
     rel = Path(rel_path)
     if rel.is_absolute() or rel_path.startswith(("/", "\\")):
-        raise AdapterPathError(f"path {rel_path!r} is absolute; give a path relative to the adapter root")
+        raise AdapterPathError(f"path {shown(rel_path)} is absolute; give a path relative to the adapter root")
     if ".." in rel.parts or ".." in rel_path.split("\\"):
-        raise AdapterPathError(f"path {rel_path!r} contains '..'")
+        raise AdapterPathError(f"path {shown(rel_path)} contains '..'")
     root_resolved = Path(root).resolve()
     if not root_resolved.is_dir():
         raise AdapterPathError("the server's adapter root is not a folder")
-    target = (root_resolved / rel).resolve()
+    try:
+        target = (root_resolved / rel).resolve()
+        is_dir = target.is_dir()
+    except (OSError, RuntimeError) as e:  # RuntimeError: pathlib's symlink loop
+        raise AdapterPathError(f"path {shown(rel_path)} cannot be resolved: {_os_reason(e)}") from None
     if not target.is_relative_to(root_resolved):
-        raise AdapterPathError(f"path {rel_path!r} escapes the adapter root")
+        raise AdapterPathError(f"path {shown(rel_path)} escapes the adapter root")
     if target == root_resolved:
-        raise AdapterPathError(f"path {rel_path!r} must name a folder inside the adapter root")
-    if not target.is_dir():
-        raise AdapterPathError(f"path {rel_path!r} is not an adapter folder (missing or not a directory)")
+        raise AdapterPathError(f"path {shown(rel_path)} must name a folder inside the adapter root")
+    if not is_dir:
+        raise AdapterPathError(f"path {shown(rel_path)} is not an adapter folder (missing or not a directory)")
     return target
+
+
+def _os_reason(e: BaseException) -> str:
+    """Why a path failed, without the path itself (it is the server's)."""
+    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+        return "a symlink loop"
+    if getattr(e, "errno", None) == errno.ENAMETOOLONG:
+        return "a name is too long"
+    return getattr(e, "strerror", None) or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits) -> AdapterSpec:
-    """Read a PEFT ``save_pretrained`` folder; pickle checkpoints are refused without being opened."""
+def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits,
+                     root: str | Path | None = None) -> AdapterSpec:
+    """Read a PEFT ``save_pretrained`` folder; pickle checkpoints are refused without being opened.
+
+    With `root` (the server's ``--adapter-root``), each file must resolve inside it: a file that
+    is a symlink leading out of the root is refused (AdapterPathError) before it is opened.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterPathError("adapter folder does not exist")
+    root = None if root is None else Path(root).resolve()
     weights_path, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
-    if not weights_path.is_file():
+    if not _exists(weights_path):
         pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
             raise AdapterFormatError(
-                f"adapter folder holds {pickles[0]} but no {WEIGHTS_NAME}: safetensors only, "
+                f"adapter folder holds {pickles[0][:120]} but no {WEIGHTS_NAME}: safetensors only, "
                 "pickle checkpoints are never opened (save with safe_serialization=True)"
             )
         raise AdapterFormatError(f"adapter folder has no {WEIGHTS_NAME}")
-    if not config_path.is_file():
+    if not _exists(config_path):
         raise AdapterFormatError(f"adapter folder has no {CONFIG_NAME}")
-    config_json = _read_capped(config_path, MAX_CONFIG_BYTES, f"{CONFIG_NAME} is larger than 1 MiB")
+    config_json = _read_capped(config_path, root, MAX_CONFIG_BYTES, f"{CONFIG_NAME} is larger than 1 MiB")
     cap = max_adapter_file_bytes(model, limits)
-    weights = _read_weights_file(weights_path, cap, f"{WEIGHTS_NAME} is larger than any adapter within the limits "
-                                                    f"(max_lora_rank={limits.max_lora_rank}, "
-                                                    f"max_virtual_tokens={limits.max_virtual_tokens}: {cap} bytes)")
+    weights = _read_weights_file(weights_path, root, cap,
+                                 f"{WEIGHTS_NAME} is larger than any adapter within the limits "
+                                 f"(max_lora_rank={limits.max_lora_rank}, "
+                                 f"max_virtual_tokens={limits.max_virtual_tokens}: {cap} bytes)")
     return load_adapter_files(config_json, weights, model, limits)
 
 
@@ -234,14 +272,38 @@ def max_adapter_file_bytes(model: ModelArgs, limits: AdapterLimits) -> int:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _read_capped(path: Path, cap: int, too_big: str) -> bytes:
+def _exists(path: Path) -> bool:
+    """True for anything at `path`, a dangling or looping symlink included (it is refused on open)."""
+    return os.path.lexists(path)
+
+
+def _open_inside(path: Path, root: Path | None) -> int:
+    """An fd for the regular file at `path`, whose resolution must stay inside `root` (if given)."""
     try:
-        if path.stat().st_size > cap:
-            raise AdapterFormatError(too_big)
-        with path.open("rb") as f:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: pathlib's symlink loop
+        raise AdapterPathError(f"{path.name} cannot be opened: {_os_reason(e)}") from None
+    if root is not None and not real.is_relative_to(root):
+        raise AdapterPathError(f"{path.name} is a symlink leading outside the adapter root")
+    try:  # O_NONBLOCK: a FIFO must not block the open; the fstat below refuses it
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise AdapterPathError(f"{path.name} cannot be opened: {_os_reason(e)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AdapterFormatError(f"{path.name} is not a regular file")
+    return fd
+
+
+def _read_capped(path: Path, root: Path | None, cap: int, too_big: str) -> bytes:
+    fd = _open_inside(path, root)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_size > cap:
+                raise AdapterFormatError(too_big)
             data = f.read(cap + 1)
     except OSError as e:
-        raise AdapterFormatError(f"cannot read {path.name}: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read {path.name}: {_os_reason(e)}") from None
     if len(data) > cap:
         raise AdapterFormatError(too_big)
     return data
@@ -252,10 +314,15 @@ def _parse_config(config_json: bytes) -> dict:
         raise AdapterFormatError(f"{CONFIG_NAME} is larger than 1 MiB")
     try:
         config = json.loads(config_json)
-    except (UnicodeDecodeError, ValueError) as e:
+    except json.JSONDecodeError as e:  # its message gives a position, never the document
         raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON: not UTF-8") from None
+    except (ValueError, RecursionError):  # nesting deeper than the parser's stack, 4300+ digit ints
+        raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON: nested too deeply or numbers too long") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object, not {type(config).__name__}")
+    check_fields(config, COMMON_FIELDS)
     return config
 
 
@@ -265,26 +332,27 @@ def _adapter_kind(config: dict) -> AdapterKind:
         raise AdapterFormatError(f"{CONFIG_NAME} has no peft_type")
     if peft_type not in AdapterKind.__members__:
         raise AdapterFormatError(
-            f"unsupported peft_type {str(peft_type)[:40]}; supported: {', '.join(k.value for k in AdapterKind)}"
+            f"unsupported peft_type {peft_type[:40]}; supported: {', '.join(k.value for k in AdapterKind)}"
         )
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
-        raise AdapterFormatError(f"unsupported task_type {str(task_type)[:40]}; only CAUSAL_LM")
+        raise AdapterFormatError(f"unsupported task_type {task_type[:40]}; only CAUSAL_LM")
     return AdapterKind(peft_type)
 
 
-def _read_weights_file(path: Path, cap: int, too_big: str) -> torch.Tensor:
+def _read_weights_file(path: Path, root: Path | None, cap: int, too_big: str) -> torch.Tensor:
     """The whole file as one uint8 tensor (its float32 tensors become views of it, see _read_tensors)."""
+    fd = _open_inside(path, root)
     try:
-        size = path.stat().st_size
-        if size > cap:
-            raise AdapterFormatError(too_big)
-        buf = SPARE_BUFFERS.take(size)
-        with path.open("rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > cap:
+                raise AdapterFormatError(too_big)
+            buf = SPARE_BUFFERS.take(size)
             got = f.readinto(memoryview(buf.numpy()))
             grew = bool(f.read(1))
     except OSError as e:
-        raise AdapterFormatError(f"cannot read {path.name}: {e.strerror}") from None
+        raise AdapterFormatError(f"cannot read {path.name}: {_os_reason(e)}") from None
     if got != size or grew:
         raise AdapterFormatError(f"{path.name} changed while it was being read")
     return buf
@@ -300,68 +368,56 @@ def _as_buffer(data: bytes | torch.Tensor) -> torch.Tensor:
 
 
 def _read_tensors(data: bytes | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Check the safetensors framing ourselves (no huge allocations), then parse; float32, contiguous.
+    """Check the safetensors framing strictly (no huge allocations), then build float32 tensors.
 
     Float32 tensors are views of one buffer holding the whole file: the file's bytes are touched
     once, not read into one allocation and then copied into 420 more. First touches of fresh memory
     are what registration waits on here (20 MB cost ~30 ms of page faults in the server process on
-    the development VM); other dtypes are converted (a copy).
+    the development VM); other dtypes are converted (a copy). Every value must be finite and at
+    most MAX_ABS_VALUE in magnitude (see :func:`_check_values`).
     """
     buf = _as_buffer(data)
     raw = memoryview(buf.numpy())  # writable, so torch.frombuffer does not warn
-    _check_safetensors_header(raw)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(bytes(raw[8:8 + n]))
-    base = 8 + n
+    base, entries = read_header(raw)
     body = raw[base:]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
+    for e in entries:
+        count = (e.end - e.start) // e.dtype.itemsize
+        if e.dtype == torch.float32 and (base + e.start) % 4 == 0:
+            tensors[e.name] = buf[base + e.start:base + e.end].view(torch.float32).view(e.shape)
             continue
-        try:
-            dtype, shape, (start, end) = _SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-            count = 1
-            for dim in shape:
-                count *= int(dim)
-        except (TypeError, KeyError, ValueError):
-            raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: bad entry for {str(name)[:120]}") from None
-        if dtype is None and info.get("dtype") in _SAFETENSORS_OTHER_DTYPES:
-            shown = _SAFETENSORS_OTHER_DTYPES[info["dtype"]]
-            raise AdapterFormatError(f"tensor {str(name)[:120]} has dtype {shown}; adapters hold floating point")
-        if dtype is None:
-            raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: unknown dtype {str(info.get('dtype'))[:20]}")
-        if not (0 <= start <= end <= len(body)) or end - start != count * dtype.itemsize:
-            raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: {str(name)[:120]} does not fit its bytes")
-        if dtype == torch.float32 and (base + start) % 4 == 0:
-            tensors[name] = buf[base + start:base + end].view(torch.float32).view(*shape)
-            continue
-        flat = torch.frombuffer(body, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.view(*shape).to(torch.float32, copy=True)
+        flat = (torch.frombuffer(body, dtype=e.dtype, count=count, offset=e.start) if count
+                else torch.empty(0, dtype=e.dtype))
+        tensors[e.name] = flat.view(e.shape).to(torch.float32, copy=True)
+    all_f32 = base % 4 == 0 and all(e.dtype == torch.float32 for e in entries)
+    _check_values(tensors, buf[base:] if all_f32 else None)
     return tensors
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_SAFETENSORS_OTHER_DTYPES = {"I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
-                             "U8": "torch.uint8", "BOOL": "torch.bool"}
+def _check_values(tensors: dict[str, torch.Tensor], f32_body: torch.Tensor | None) -> None:
+    """Refuse NaN, inf and values beyond MAX_ABS_VALUE, naming the first offending tensor.
 
-
-def _check_safetensors_header(data: memoryview) -> None:
-    """8-byte little-endian header length, a JSON header, then exactly the bytes the header describes."""
-    if len(data) < 8:
-        raise AdapterFormatError(f"{WEIGHTS_NAME} is truncated ({len(data)} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
-        raise AdapterFormatError(f"{WEIGHTS_NAME} is truncated or corrupt: header length {n} "
-                                 f"but the file has {len(data)} bytes")
-    try:
-        header = json.loads(bytes(data[8:8 + n]))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise AdapterFormatError(f"{WEIGHTS_NAME} is corrupt: unreadable header") from None
-    body = len(data) - 8 - n
-    if max(ends, default=0) != body:
-        raise AdapterFormatError(f"{WEIGHTS_NAME} is truncated or corrupt: the header describes "
-                                 f"{max(ends, default=0)} bytes of tensor data, the file holds {body}")
+    ``f32_body`` (the data area as bytes, when every tensor is float32) is checked in one pass;
+    the per-tensor walk runs only to name the culprit, or when dtypes are mixed.
+    """
+    if f32_body is not None and f32_body.numel():
+        lo, hi = f32_body.view(torch.float32).aminmax()
+        if -MAX_ABS_VALUE <= float(lo) and float(hi) <= MAX_ABS_VALUE:  # False for NaN
+            return
+    for name, t in tensors.items():
+        if not t.numel():
+            continue
+        lo, hi = (float(v) for v in t.aminmax())
+        if -MAX_ABS_VALUE <= lo and hi <= MAX_ABS_VALUE:
+            continue
+        if bool(t.isnan().any()):
+            what = "NaN"
+        elif not (math.isfinite(lo) and math.isfinite(hi)):
+            what = "inf"
+        else:
+            what = f"a value of magnitude {max(abs(lo), abs(hi)):.3g}"
+        raise AdapterFormatError(f"tensor {name_shown(name)} holds {what}; adapter weights must be finite "
+                                 f"and at most {MAX_ABS_VALUE:g} in magnitude")
 
 
 def _weights_nbytes(weights: LoraWeights | PromptWeights | PrefixWeights) -> int:
@@ -376,22 +432,45 @@ def _weights_nbytes(weights: LoraWeights | PromptWeights | PrefixWeights) -> int
 
 
 def _check_lora_config(config: dict) -> None:
+    check_fields(config, LORA_FIELDS)
     for key, what in _LORA_UNSUPPORTED.items():
         if config.get(key):
-            raise AdapterFormatError(f"unsupported LoRA feature {key}={config[key]!r} ({what})")
+            raise AdapterFormatError(f"unsupported LoRA feature {key}={shown(config[key])} ({what})")
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
-        raise AdapterFormatError(f"unsupported LoRA feature bias={bias!r} (trained base biases)")
+        raise AdapterFormatError(f"unsupported LoRA feature bias={shown(bias)} (trained base biases)")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise AdapterFormatError(
-            f"unsupported LoRA feature init_lora_weights={init!r}: it rewrites the base weights; save the adapter "
-            "with save_pretrained(path_initial_model_for_weight_conversion=...) to serve it on the original base"
+            f"unsupported LoRA feature init_lora_weights={shown(init)}: it rewrites the base weights; save the "
+            "adapter with save_pretrained(path_initial_model_for_weight_conversion=...) to serve it on the "
+            "original base"
         )
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(_is_number(v) for v in pattern.values()):
-            raise AdapterFormatError(f"{key} must map module patterns to numbers")
+    target = config.get("target_modules")
+    if isinstance(target, str):  # PEFT full-matches a string as a regex: it must at least compile
+        PatternTable("target_modules", [target])
+
+
+class _LoraPatterns:
+    """``rank_pattern`` and ``alpha_pattern`` of one config, compiled once, matched within a time budget."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.rank = PatternTable("rank_pattern", list(config.get("rank_pattern") or {}))
+        self.alpha = PatternTable("alpha_pattern", list(config.get("alpha_pattern") or {}))
+
+    def rank_of(self, module_path: str) -> int:
+        key = self.rank.first(module_path)
+        return self.config["rank_pattern"][key] if key is not None else self.config.get("r", 8)
+
+    def scale_of(self, module_path: str, r: int) -> float:
+        """PEFT's scaling: alpha / r (alpha / sqrt(r) with use_rslora), bounded by MAX_LORA_SCALE."""
+        key = self.alpha.first(module_path)
+        if key is not None:
+            field, alpha = f"alpha_pattern[{shown(key)}]", self.config["alpha_pattern"][key]
+        else:
+            field, alpha = "lora_alpha", self.config.get("lora_alpha", 8)
+        return check_scale(field, float(alpha), r, bool(self.config.get("use_rslora")), module_path)
 
 
 def _lora_weights(
@@ -404,8 +483,9 @@ def _lora_weights(
     if not pairs:
         raise AdapterFormatError("LoRA adapter matches no modules (no lora_A / lora_B tensors)")
     modules = {}
+    patterns = _LoraPatterns(config)
     for (layer, name), ab in sorted(pairs.items()):
-        modules[(layer, name)] = _lora_module(layer, name, ab, config, model, limits)
+        modules[(layer, name)] = _lora_module(layer, name, ab, patterns, model, limits)
     return LoraWeights(modules)
 
 
@@ -433,7 +513,8 @@ def _lora_key(key: str, model: ModelArgs) -> tuple[int, str, str]:
 
 
 def _lora_module(
-    layer: int, name: str, ab: dict[str, torch.Tensor], config: dict, model: ModelArgs, limits: AdapterLimits
+    layer: int, name: str, ab: dict[str, torch.Tensor], patterns: _LoraPatterns, model: ModelArgs,
+    limits: AdapterLimits
 ) -> LoraModule:
     path = model.module_path(layer, name)
     if set(ab) != {"A", "B"}:
@@ -455,46 +536,27 @@ def _lora_module(
         raise AdapterFormatError(f"{path} has rank 0")
     if r > limits.max_lora_rank:
         raise AdapterFormatError(f"rank {r} of {path} exceeds max_lora_rank {limits.max_lora_rank}")
-    want_r = _pattern_value(config, "rank_pattern", path, config.get("r", 8))
+    want_r = patterns.rank_of(path)
     if want_r != r:
         raise AdapterFormatError(f"{path}: config gives rank {want_r} (r / rank_pattern) but lora_A has rank {r}")
-    return LoraModule(a=a, b=b, scale=lora_scale(config, path, r))
+    return LoraModule(a=a, b=b, scale=patterns.scale_of(path, r))
 
 
 def lora_scale(config: dict, module_path: str, r: int) -> float:
     """PEFT's scaling: alpha / r (alpha / sqrt(r) with use_rslora); alpha from alpha_pattern or lora_alpha."""
-    alpha = float(_pattern_value(config, "alpha_pattern", module_path, config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def _pattern_value(config: dict, key: str, module_path: str, default):
-    """PEFT's get_pattern_key: the first pattern key with re.match(rf"(.*\\.)?({key})$", module_path)."""
-    for pattern, value in (config.get(key) or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", module_path):
-                return value
-        except re.error as e:
-            raise AdapterFormatError(f"{key} has an invalid pattern {pattern[:60]!r}: {e}") from None
-    return default
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return _LoraPatterns(config).scale_of(module_path, r)
 
 
 # ---------------------------------------------------------------------------------------------- prompt / prefix
 
 
 def _check_prompt_config(config: dict) -> None:
+    check_fields(config, PROMPT_FIELDS)
     subs = config.get("num_transformer_submodules", 1)
     if subs not in (None, 1):
-        raise AdapterFormatError(f"unsupported num_transformer_submodules={subs!r} (decoder-only: 1)")
+        raise AdapterFormatError(f"unsupported num_transformer_submodules={shown(subs)} (decoder-only: 1)")
     if config.get("modules_to_save"):
-        raise AdapterFormatError(f"unsupported feature modules_to_save={config['modules_to_save']!r}")
+        raise AdapterFormatError(f"unsupported feature modules_to_save={shown(config['modules_to_save'])}")
 
 
 def _prompt_tensor(tensors: dict[str, torch.Tensor], config: dict, limits: AdapterLimits) -> torch.Tensor:
@@ -539,7 +601,7 @@ def _prefix_weights(
         raise AdapterFormatError(f"prefix num_layers is {layers} but the base model has {L} layers")
     heads = config.get("num_attention_heads", model.num_kv_heads)
     token_dim = config.get("token_dim", model.num_kv_heads * model.head_dim)
-    if not (_is_int(heads) and _is_int(token_dim) and heads > 0 and token_dim % heads == 0):
+    if not (is_int(heads) and is_int(token_dim) and heads > 0 and token_dim % heads == 0):
         raise AdapterFormatError(f"prefix token_dim {token_dim!r} is not a multiple of num_attention_heads {heads!r}")
     head_dim = token_dim // heads
     if (heads, head_dim) != (model.num_kv_heads, model.head_dim):

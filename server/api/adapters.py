@@ -17,7 +17,7 @@ from server.adapters.formats import (
     validate_adapter_id,
 )
 from server.adapters.registry import AdapterEntry, AdapterManager
-from server.api.errors import error_message, status_for
+from server.api.errors import InvalidRequestError, error_message, status_for
 
 log = logging.getLogger("adapterserve.api")
 
@@ -53,17 +53,16 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         return await self._call(context, lambda: adapter_message(self.manager.get(request.adapter_id)))
 
     def register_blocking(self, request: pb.RegisterAdapterRequest) -> pb.Adapter:
-        """Parse, validate and install (runs in a worker thread: file I/O and the engine round trip)."""
+        """Parse, validate and install. Runs on a worker thread (see `_call`), never on the event loop:
+        file reading, header and config checks, pattern matching and the engine round trip all block."""
         validate_adapter_id(request.adapter_id)
         source = request.WhichOneof("source")
         if source == "path":
             folder = resolve_adapter_path(self.adapter_root, request.path)
-            spec = load_adapter_dir(folder, self.model_args, self.limits)
+            spec = load_adapter_dir(folder, self.model_args, self.limits, root=self.adapter_root)
         elif source == "files":
             spec = load_adapter_files(request.files.config_json, request.files.safetensors, self.model_args, self.limits)
         else:
-            from server.api.errors import InvalidRequestError
-
             raise InvalidRequestError("source: give path or files")
         entry = self.manager.register(request.adapter_id, spec, merge=request.merge, pin=request.pin,
                                       replace=request.replace)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.api.errors import InvalidRequestError
 from server.engine.request import Sampling
+from server.engine.sampler import GREEDY_BELOW
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -79,6 +80,8 @@ def sampling(req: pb.GenerateRequest, n_prompt: int, prefix_len: int, limits: Li
     temperature = p.temperature if p.HasField("temperature") else 0.0
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidRequestError(f"params.temperature: must be >= 0, got {temperature}")
+    if temperature < GREEDY_BELOW:  # 1e-37 would overflow the scaled logits: it means greedy
+        temperature = 0.0
     top_p = p.top_p if p.HasField("top_p") else 1.0
     if not (0.0 < top_p <= 1.0):
         raise InvalidRequestError(f"params.top_p: must be in (0, 1], got {top_p}")

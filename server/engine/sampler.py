@@ -3,6 +3,14 @@
 Each row draws exactly one uniform number per step from its own seeded generator and picks
 the token by inverse CDF over its own filtered distribution, so a seeded request samples the
 same tokens whatever else shares the batch. Logprobs are those of the model's raw distribution.
+
+Temperatures below :data:`GREEDY_BELOW` (1e-5, as vLLM's ``_SAMPLING_EPS``) are greedy: dividing
+logits by 1e-37 overflows float32 to inf and softmax turns inf into NaN. Scaled logits are also
+clamped to float32's finite range, so no temperature / top_k / top_p / repetition_penalty
+combination yields a NaN probability from finite logits (tests/engine/test_sampler.py checks it
+property-based). Non-finite logits from the model are the engine's concern, not this module's.
+
+Thread: the engine thread.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ from __future__ import annotations
 import torch
 
 from server.engine.request import Request, TokenLogprob
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+_FINITE = torch.finfo(torch.float32).max
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -26,26 +37,37 @@ def _apply_repetition_penalty(logits: torch.Tensor, requests: list[Request]) -> 
     return logits
 
 
+def filtered_probs(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor,
+                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling rows' logits [b, V] -> (probabilities in descending-logit order [b, V], that order [b, V]).
+
+    Temperature scaling, then top-k (0 = off), then top-p (the smallest prefix whose mass reaches
+    top_p; the best token always stays). Finite logits give finite probabilities summing to 1.
+    """
+    sub = (logits / temps[:, None]).clamp(-_FINITE, _FINITE)  # [b, V], never inf
+    sorted_logits, order = sub.sort(dim=-1, descending=True)  # [b, V]
+    ranks = torch.arange(sub.shape[-1], device=sub.device)[None, :]
+    drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    probs = probs.masked_fill((before >= top_p[:, None]) & (ranks > 0), 0.0)
+    return probs, order
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] float32 -> chosen token per row, and logprob info for rows that asked for it."""
     bsz = logits.shape[0]
     dev = logits.device
     processed = _apply_repetition_penalty(logits, requests)
     temps = torch.tensor([r.sampling.temperature for r in requests], dtype=torch.float32, device=dev)
-    greedy = temps <= 0  # [B]
+    greedy = temps < GREEDY_BELOW  # [B]
     chosen = processed.argmax(dim=-1)  # [B]
     if not bool(greedy.all()):
         idx = (~greedy).nonzero().flatten()  # rows that sample
-        sub = processed[idx] / temps[idx, None]  # [b, V]
         top_k = torch.tensor([requests[i].sampling.top_k for i in idx.tolist()], device=dev)
         top_p = torch.tensor([requests[i].sampling.top_p for i in idx.tolist()], device=dev)
-        sorted_logits, order = sub.sort(dim=-1, descending=True)  # [b, V]
-        ranks = torch.arange(sub.shape[-1], device=dev)[None, :]
-        drop = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-        probs = probs.masked_fill((before >= top_p[:, None]) & (ranks > 0), 0.0)
+        probs, order = filtered_probs(processed[idx], temps[idx], top_k, top_p)
         cdf = probs.cumsum(dim=-1)  # [b, V]
         u = torch.tensor([requests[i].rng.random() for i in idx.tolist()], dtype=torch.float32, device=dev)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(cdf.shape[-1] - 1)

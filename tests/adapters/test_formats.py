@@ -292,7 +292,7 @@ BAD_ADAPTER_CASES = [
     ("config_rank", "lora", _set(r=16), LIMITS, "config gives rank 16 (r / rank_pattern) but lora_A has rank 4"),
     ("rank_pattern", "lora", _set(rank_pattern={"v_proj": 2}), LIMITS, "self_attn.v_proj: config gives rank 2"),
     ("bad_regex", "lora", _set(alpha_pattern={"(": 2}), LIMITS, "alpha_pattern has an invalid pattern"),
-    ("pattern_value", "lora", _set(alpha_pattern={"q_proj": "big"}), LIMITS, "alpha_pattern must map"),
+    ("pattern_value", "lora", _set(alpha_pattern={"q_proj": "big"}), LIMITS, "alpha_pattern must be an object mapping module patterns to finite numbers"),
     ("int_dtype", "lora", _replace(Q_A, torch.zeros(4, 64, dtype=torch.int64)), LIMITS, "dtype torch.int64"),
     ("prompt_over_max", "prompt", lambda c, t: None, AdapterLimits(max_virtual_tokens=3),
      "num_virtual_tokens 4 exceeds max_virtual_tokens 3"),

@@ -1,0 +1,86 @@
+"""Module-name patterns from adapter configs, matched as PEFT does but bounded in time and size.
+
+PEFT picks a module's rank / alpha with ``get_pattern_key``: the first key of ``rank_pattern`` /
+``alpha_pattern`` for which ``re.match(rf"(.*\\.)?({key})$", module_path)`` matches. A key is a
+client-supplied regular expression, and Python's ``re`` backtracks without limit: one pattern
+such as ``(.*?)*(.*?)*\\.[a-z]_`` took 48 s per match and, holding the GIL, froze every stream.
+
+Here the same expressions are compiled with the ``regex`` module (its default VERSION0 syntax is
+``re``'s) and matched with a time budget shared by the whole adapter (:data:`MATCH_BUDGET_S`) and
+``concurrent=True``, which releases the GIL while matching, so the engine thread keeps stepping.
+Compiling is bounded by size instead: at most :data:`MAX_PATTERN_CHARS` characters, and the
+product of every counted repetition ``{m,n}`` in a key at most :data:`MAX_REPEAT_PRODUCT` (a nested
+``(?:a{65535}){65535}`` otherwise exhausts memory inside the compiler). A key that breaks a bound
+raises AdapterFormatError naming the config field: INVALID_ARGUMENT to the client.
+
+Thread: any (registration runs on a worker thread, never on the event loop or the engine thread).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import regex
+
+from server.adapters.errors import AdapterFormatError
+
+MAX_PATTERN_CHARS = 256
+MAX_REPEAT_PRODUCT = 256
+MATCH_BUDGET_S = 0.5  # all matches of one config field, for one adapter
+
+_COUNTED_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A short repr of a client-supplied value for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class PatternTable:
+    """The keys of one ``*_pattern`` mapping, compiled once; :meth:`first` is PEFT's ``get_pattern_key``."""
+
+    def __init__(self, field: str, keys: list[str], budget_s: float = MATCH_BUDGET_S):
+        self.field = field
+        self.budget_s = budget_s
+        self._spent = 0.0
+        self._compiled = [(key, _compile(field, key)) for key in keys]
+
+    def first(self, module_path: str) -> str | None:
+        """The first key matching `module_path`, or None; AdapterFormatError once the budget is spent."""
+        for key, pattern in self._compiled:
+            left = self.budget_s - self._spent
+            t0 = time.perf_counter()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                hit = pattern.match(module_path, timeout=left, concurrent=True)
+            except TimeoutError:
+                raise AdapterFormatError(
+                    f"{self.field}: pattern {shown(key)} takes more than {self.budget_s:g} s to match module "
+                    f"names (catastrophic backtracking); simplify it") from None
+            finally:
+                self._spent += time.perf_counter() - t0
+            if hit:
+                return key
+        return None
+
+
+def _compile(field: str, key: object) -> regex.Pattern:
+    if not isinstance(key, str) or not key:
+        raise AdapterFormatError(f"{field}: keys must be non-empty module name patterns, got {shown(key)}")
+    if len(key) > MAX_PATTERN_CHARS:
+        raise AdapterFormatError(f"{field}: pattern {shown(key)} is longer than {MAX_PATTERN_CHARS} characters")
+    product = 1
+    for m in _COUNTED_REPEAT.finditer(key):
+        bounds = [int(b) for b in m.groups() if b]
+        product *= max([1, *bounds])
+        if product > MAX_REPEAT_PRODUCT:
+            raise AdapterFormatError(
+                f"{field}: pattern {shown(key)} repeats too much (counted repetitions multiply to more than "
+                f"{MAX_REPEAT_PRODUCT})")
+    try:
+        return regex.compile(rf"(.*\.)?({key})$", flags=regex.VERSION0)
+    except (regex.error, OverflowError, RecursionError, ValueError) as e:
+        raise AdapterFormatError(f"{field} has an invalid pattern {shown(key)}: {getattr(e, 'msg', e)}") from None
