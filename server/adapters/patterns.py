@@ -41,9 +41,9 @@ def shown(value: object, limit: int = 60) -> str:
 class PatternTable:
     """The keys of one ``*_pattern`` mapping, compiled once; :meth:`first` is PEFT's ``get_pattern_key``."""
 
-    def __init__(self, field: str, keys: list[str], budget_s: float = MATCH_BUDGET_S):
+    def __init__(self, field: str, keys: list[str], budget_s: float | None = None):
         self.field = field
-        self.budget_s = budget_s
+        self.budget_s = MATCH_BUDGET_S if budget_s is None else budget_s
         self._spent = 0.0
         self._compiled = [(key, _compile(field, key)) for key in keys]
 
