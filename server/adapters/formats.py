@@ -42,7 +42,7 @@ from server.adapters.config_fields import (
 )
 from server.adapters.errors import AdapterFormatError, AdapterPathError
 from server.adapters.host_buffers import SPARE_BUFFERS
-from server.adapters.patterns import PatternTable, shown
+from server.adapters.patterns import PatternTable, TargetModules, shown
 from server.adapters.safetensors_file import MAX_HEADER_BYTES, WEIGHTS_NAME, name_shown, read_header
 from server.model.config import LINEAR_MODULES, ModelArgs
 
@@ -448,7 +448,7 @@ def _check_lora_config(config: dict) -> None:
         )
     target = config.get("target_modules")
     if isinstance(target, str):  # PEFT full-matches a string as a regex: it must at least compile
-        PatternTable("target_modules", [target])
+        TargetModules("target_modules", target)
 
 
 class _LoraPatterns:

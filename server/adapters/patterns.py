@@ -43,17 +43,36 @@ def shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class TargetModules:
+    """PEFT's ``check_target_module_exists`` for ``target_modules``-like fields (IA3's
+    ``feedforward_modules`` too): a string is a regex the module path must fully match, a list holds
+    names the path must equal or end with (after a dot). Bounded as :class:`PatternTable`."""
+
+    def __init__(self, field: str, target: str | list[str] | None, budget_s: float | None = None):
+        self.field = field
+        self.names: list[str] = [] if isinstance(target, str) or target is None else list(target)
+        self._table: PatternTable | None = None
+        if isinstance(target, str):
+            self._table = PatternTable(field, [target], budget_s, full=True)
+
+    def matches(self, module_path: str) -> bool:
+        if self._table is not None:
+            return self._table.first(module_path) is not None
+        return any(module_path == n or module_path.endswith("." + n) for n in self.names)
+
+
 class PatternTable:
     """The keys of one ``*_pattern`` mapping, compiled once; :meth:`first` is PEFT's ``get_pattern_key``."""
 
-    def __init__(self, field: str, keys: list[str], budget_s: float | None = None):
+    def __init__(self, field: str, keys: list[str], budget_s: float | None = None, full: bool = False):
+        """`full`: each key must match the whole path (re.fullmatch) instead of get_pattern_key's suffix rule."""
         self.field = field
         self.budget_s = MATCH_BUDGET_S if budget_s is None else budget_s
         self._spent = 0.0
         if len(keys) > MAX_PATTERN_KEYS:
             raise AdapterFormatError(f"{field}: {len(keys)} patterns, at most {MAX_PATTERN_KEYS}")
-        self._compiled = [(key, _PlainKey(key) if _PLAIN.fullmatch(_checked(field, key)) else _compile(field, key))
-                          for key in keys]
+        self._compiled = [(key, _PlainKey(key) if not full and _PLAIN.fullmatch(_checked(field, key))
+                           else _compile(field, _checked(field, key), full)) for key in keys]
 
     def first(self, module_path: str) -> str | None:
         """The first key matching `module_path`, or None; AdapterFormatError once the budget is spent."""
@@ -98,7 +117,8 @@ def _checked(field: str, key: object) -> str:
     return key
 
 
-def _compile(field: str, key: str) -> regex.Pattern:
+def _compile(field: str, key: str, full: bool = False) -> regex.Pattern:
+    r"""``(.*\.)?(key)$`` (get_pattern_key), or with `full` the key itself, anchored at both ends (fullmatch)."""
     product = 1
     for m in _COUNTED_REPEAT.finditer(key):
         bounds = [int(b) for b in m.groups() if b]
@@ -108,6 +128,9 @@ def _compile(field: str, key: str) -> regex.Pattern:
                 f"{field}: pattern {shown(key)} repeats too much (counted repetitions multiply to more than "
                 f"{MAX_REPEAT_PRODUCT})")
     try:
+        if full:
+            regex.compile(key, flags=regex.VERSION0)  # alone first: "a)|(b" must fail as re.fullmatch fails
+            return regex.compile(rf"(?:{key})\Z", flags=regex.VERSION0)
         return regex.compile(rf"(.*\.)?({key})$", flags=regex.VERSION0)
     except (regex.error, OverflowError, RecursionError, ValueError) as e:
         raise AdapterFormatError(f"{field} has an invalid pattern {shown(key)}: {getattr(e, 'msg', e)}") from None
