@@ -22,14 +22,16 @@ from grpc_reflection.v1alpha import reflection
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.adapters.catalog import AdapterCatalog
 from server.adapters.formats import AdapterLimits
-from server.adapters.registry import AdapterManager
+from server.adapters.residency import Residency
 from server.api.adapters import AdapterServicer
 from server.api.generation import GenerationServicer
 from server.api.malformed import MalformedMessageInterceptor
 from server.api.security import add_listen_port, server_interceptors
 from server.api.validation import MAX_TOP_LOGPROBS, Limits
 from server.config import ServerConfig
+from server.engine.commands import CommandQueue
 from server.engine.engine import Engine
 from server.metrics import ServerMetrics
 from server.model.loader import LoadedModel, load_model
@@ -60,14 +62,15 @@ class ServerApp:
         self.max_context = min(cfg.max_context or args.max_position_embeddings, args.max_position_embeddings)
         self.metrics = ServerMetrics(cfg.metrics_max_adapter_labels, build_info={
             "version": _version(), "model": self.model.name, "device": cfg.device, "dtype": cfg.dtype})
+        commands = CommandQueue()  # the only way from other threads to the engine thread's device state
+        self.residency = Residency(self.model.runtime, max_resident=cfg.max_resident_adapters,
+                                   memory_bytes=cfg.adapter_memory_bytes, metrics=self.metrics,
+                                   lora_threads=cfg.lora_threads)
+        self.adapters = AdapterCatalog(self.residency, commands, metrics=self.metrics)
         self.engine = Engine(
-            self.model.runtime, self.model.tokenizer, None, kv_cache_tokens=cfg.kv_cache_tokens,
-            page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-            max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics)
-        self.adapters = AdapterManager(self.model.runtime, self.engine.call, max_resident=cfg.max_resident_adapters,
-                                       memory_bytes=cfg.adapter_memory_bytes, metrics=self.metrics,
-                                       lora_threads=cfg.lora_threads)
-        self.engine.adapters = self.adapters
+            self.model.runtime, self.model.tokenizer, self.residency, self.adapters, commands,
+            kv_cache_tokens=cfg.kv_cache_tokens, page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size,
+            max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics)
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
         self.port: int | None = None
         self.metrics_port: int | None = None

@@ -317,9 +317,14 @@ class ServerMetrics:
         self.preemptions.inc()
 
     # ---------------------------------------------------------------- adapters
-    def set_adapter_counts(self, registered: Mapping[str, int], resident: Mapping[str, int]) -> None:
-        """Set registered and resident adapter counts per type; types missing from a mapping read 0."""
+    def set_adapter_counts(self, registered: Mapping[str, int] | None = None,
+                           resident: Mapping[str, int] | None = None) -> None:
+        """Set registered and/or resident adapter counts per type; types missing from a mapping read 0.
+
+        The catalog reports registered counts, the residency (engine thread) resident ones."""
         for gauge, counts in ((self.adapters_registered, registered), (self.adapters_resident, resident)):
+            if counts is None:
+                continue
             values = dict.fromkeys(ADAPTER_TYPES, 0)
             for key, n in counts.items():
                 values[adapter_type_name(key)] = n

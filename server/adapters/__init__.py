@@ -1,1 +1,1 @@
-"""Adapters: PEFT file formats, the registry, batched LoRA."""
+"""Adapters: PEFT file formats, the catalog (API threads), residency (engine thread), batched LoRA."""

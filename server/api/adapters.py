@@ -9,6 +9,7 @@ import grpc
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.adapters.catalog import AdapterCatalog, AdapterEntry
 from server.adapters.formats import (
     AdapterLimits,
     load_adapter_dir,
@@ -16,8 +17,8 @@ from server.adapters.formats import (
     resolve_adapter_path,
     validate_adapter_id,
 )
-from server.adapters.registry import AdapterEntry, AdapterManager
 from server.api.errors import InvalidRequestError, error_message, status_for
+from server.model.config import ModelArgs
 
 log = logging.getLogger("adapterserve.api")
 
@@ -33,7 +34,7 @@ def adapter_message(e: AdapterEntry) -> pb.Adapter:
 
 
 class AdapterServicer(pb_grpc.AdapterServiceServicer):
-    def __init__(self, manager: AdapterManager, model_args, adapter_root: str, limits: AdapterLimits):
+    def __init__(self, manager: AdapterCatalog, model_args: ModelArgs, adapter_root: str, limits: AdapterLimits):
         self.manager = manager
         self.model_args = model_args
         self.adapter_root = adapter_root

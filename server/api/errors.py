@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import grpc
 
-from server.adapters.formats import AdapterFormatError, AdapterPathError
-from server.adapters.registry import (
+from server.adapters.entry import (
     AdapterCapacityError,
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterPreconditionError,
 )
+from server.adapters.formats import AdapterFormatError, AdapterPathError
 from server.engine.scheduler import QueueFullError
 
 

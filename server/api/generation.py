@@ -15,10 +15,13 @@ import grpc
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
+from server.adapters.catalog import AdapterCatalog
 from server.api.errors import error_message, status_for
 from server.api.validation import Limits, prompt_ids, sampling
+from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
-from server.metrics import OTHER_LABEL
+from server.metrics import OTHER_LABEL, ServerMetrics
+from server.model.tokenizer import Tokenizer
 from server.request_log import log_request
 
 log = logging.getLogger("adapterserve.api")
@@ -78,7 +81,8 @@ class _Outcome:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine, adapters, tokenizer, limits: Limits, model_info: pb.ModelInfo, metrics=None):
+    def __init__(self, engine: Engine, adapters: AdapterCatalog, tokenizer: Tokenizer, limits: Limits,
+                 model_info: pb.ModelInfo, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.adapters = adapters
         self.tokenizer = tokenizer

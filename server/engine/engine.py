@@ -4,24 +4,46 @@ sequence together, one token per step (continuous batching: requests join and le
 Data path of one request through this file: ``submit`` -> waiting queue -> ``_admit`` (KV pages,
 adapter slot, prefix KV) -> ``_prefill`` -> ``_decode`` (repeated) -> ``_finish`` (pages freed,
 adapter released, FinishEvent emitted).
+
+Threads of the process, and what each may touch:
+
+- **event loop** (the main thread under ``python -m server``; ``adapterserve-grpc`` in tests): gRPC
+  servicers, health, signals. Validates requests, takes and gives back adapter references
+  (``AdapterCatalog``, lock-protected), ``Engine.submit`` (a lock-protected queue), ``Request.cancel``.
+  Never model work, device tensors or engine state.
+- **default executor workers** (``run_in_executor``): adapter registration (file reading and
+  parsing, then ``AdapterCatalog.register``, which waits on an engine command), preloads.
+- **engine thread** (``adapterserve-engine``, this file): the only one that touches the model, the
+  KV cache, the running batch and adapter residency (slots, LRU, merges, prefix KV). Other threads
+  reach it only through ``Engine.call`` / ``CommandQueue`` and the waiting queue. It hands events
+  back through each request's ``emit`` (thread-safe, non-blocking).
+- **watchdog** (``adapterserve-watchdog``): reads the engine's heartbeat; when the engine thread
+  died or a step hangs past ``--watchdog-seconds`` it marks the engine failed (health NOT_SERVING,
+  new requests UNAVAILABLE) and fails waiting requests. It never touches device state.
+- **metrics HTTP** (prometheus_client's server thread): reads metric values only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import torch
 
+from server.engine.commands import CommandQueue
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.sampler import sample
 from server.engine.scheduler import PageAllocator, WaitingQueue
+from server.metrics import ServerMetrics
 from server.model.llama import PagedKVCache, StepInput
+from server.model.tokenizer import Tokenizer
+from server.ports import AdapterReleaser, AdapterResidency, ModelRuntime, RequestRefused
+
+T = TypeVar("T")
 
 log = logging.getLogger("adapterserve.engine")
 
@@ -29,20 +51,22 @@ log = logging.getLogger("adapterserve.engine")
 class Engine:
     """Owns the KV cache and the running batch; all model work happens on its thread."""
 
-    def __init__(self, runtime, tokenizer, adapters, *, kv_cache_tokens: int, page_size: int,
-                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics=None):
+    def __init__(self, runtime: ModelRuntime, tokenizer: Tokenizer, adapters: AdapterResidency,
+                 releaser: AdapterReleaser, commands: CommandQueue, *, kv_cache_tokens: int, page_size: int,
+                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics: ServerMetrics | None = None):
         self.runtime = runtime
         self.tokenizer = tokenizer
-        self.adapters = adapters
+        self.adapters = adapters  # residency: engine thread only
+        self.releaser = releaser  # the catalog's reference counts
+        self.commands = commands
         self.metrics = metrics
         num_pages = max(1, kv_cache_tokens // page_size)
         self.allocator = PageAllocator(num_pages, page_size)
         self.cache = PagedKVCache(runtime.args, num_pages, page_size, runtime.dtype, runtime.device)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting = WaitingQueue(max_queue)
+        self.waiting = WaitingQueue(max_queue, commands.wakeup)
         self.running: list[Request] = []
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -66,12 +90,9 @@ class Engine:
         """Queue a validated request; raises QueueFullError when --max-queue is reached."""
         self.waiting.put(request)
 
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the engine thread between steps (adapter installs, merges, frees)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, fut))
-        self.waiting.wakeup.set()
-        return fut
+        return self.commands.call(fn)
 
     def num_active(self) -> int:
         return len(self.running) + len(self.waiting)
@@ -93,7 +114,7 @@ class Engine:
 
     def _iteration(self) -> list[Request]:
         """One scheduling round: commands, cancellations, admission, prefill, one decode step."""
-        self._run_commands()
+        self.commands.run_pending()
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:
@@ -102,19 +123,6 @@ class Engine:
             self._guarded(self._decode, list(self.running))
         self._report()
         return admitted
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed back to the caller's thread
-                fut.set_exception(e)
 
     def _guarded(self, step: Callable[[list[Request]], None], batch: list[Request]) -> None:
         try:
@@ -140,6 +148,10 @@ class Engine:
                 break
             try:
                 hit = self.adapters.activate(r.adapter) if r.adapter is not None else None
+            except RequestRefused as e:  # it could never be scheduled: answer now, never park it
+                self.waiting.remove([r])
+                self._fail(r, e.code, e.message)
+                continue
             except Exception as e:  # e.g. a device allocation failing: this request fails, others go on
                 log.exception("adapter activation failed")
                 self.waiting.remove([r])
@@ -320,7 +332,7 @@ class Engine:
         if r.adapter is not None:
             if was_running:
                 self.adapters.deactivate(r.adapter)
-            self.adapters.release(r.adapter)
+            self.releaser.release(r.adapter)
 
     def _report(self) -> None:
         if self.metrics is not None:
@@ -330,7 +342,7 @@ class Engine:
 
 def _lora_slot(r: Request) -> int:
     """Sort key that puts rows of the same LoRA slot next to each other (cheaper batched LoRA)."""
-    slot = getattr(r.adapter, "slot", None)
+    slot = None if r.adapter is None else r.adapter.slot
     return -1 if slot is None else slot
 
 

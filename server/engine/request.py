@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+
+from server.ports import AdapterRef
 
 
 class FinishReason(str, Enum):
@@ -79,7 +80,7 @@ class Request:
     prompt_ids: list[int]
     sampling: Sampling
     emit: Callable[[Event], None]  # called from the engine thread; must not block
-    adapter: Any = None  # server.adapters.registry.AdapterEntry or None (base model)
+    adapter: AdapterRef | None = None  # from the adapter catalog; None = the base model
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None

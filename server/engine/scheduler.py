@@ -44,11 +44,11 @@ class PageAllocator:
 class WaitingQueue:
     """FIFO of submitted requests, bounded; thread-safe (API threads put, engine thread takes)."""
 
-    def __init__(self, max_size: int):
+    def __init__(self, max_size: int, wakeup: threading.Event | None = None):
         self.max_size = max_size
         self._items: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
-        self.wakeup = threading.Event()
+        self.wakeup = wakeup or threading.Event()  # shared with the engine's command queue
 
     def put(self, request: Request) -> None:
         with self._lock:

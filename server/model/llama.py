@@ -115,6 +115,44 @@ class LlamaRuntime:
         for proj in self.proj[index].values():
             proj.refresh()
 
+    def fused_rows(self, layer: int, name: str) -> tuple[torch.Tensor, slice]:
+        """The dense weight [out_fused, in] holding projection `name` ("q_proj", ...) of `layer`, and its rows there."""
+        lw = self.w.layers[layer]
+        if name in self.qkv_slices:
+            return lw.wqkv, self.qkv_slices[name]
+        if name in self.gate_up_slices:
+            return lw.w_gate_up, self.gate_up_slices[name]
+        return (lw.wo if name == "o_proj" else lw.w_down), slice(None)
+
+    def add_deltas(self, deltas: dict[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+        """Add each delta [out, in] to projection (layer, name); return the original rows for restore_rows.
+
+        All or nothing: if any sum is non-finite, raise ValueError before any weight changes.
+        """
+        updated = {}
+        for (layer, name), delta in deltas.items():
+            weight, rows = self.fused_rows(layer, name)
+            new = weight[rows] + delta.to(weight.dtype)  # [out, in]
+            if not bool(torch.isfinite(new).all()):
+                raise ValueError(f"layer {layer} {name}: the merged weight would hold NaN or inf")
+            updated[(layer, name)] = new
+        originals = {}
+        for (layer, name), new in updated.items():
+            weight, rows = self.fused_rows(layer, name)
+            originals[(layer, name)] = weight[rows].clone()
+            weight[rows] = new
+        for layer in {layer for layer, _ in updated}:
+            self.refresh_layer(layer)
+        return originals
+
+    def restore_rows(self, originals: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Put back the rows add_deltas returned, bit for bit."""
+        for (layer, name), rows_before in originals.items():
+            weight, rows = self.fused_rows(layer, name)
+            weight[rows] = rows_before
+        for layer in {layer for layer, _ in originals}:
+            self.refresh_layer(layer)
+
     @torch.inference_mode()
     def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Run one batch step; return logits [B, V] (float32) at each row's last new token,
