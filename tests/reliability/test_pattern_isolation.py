@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.adapters import patterns
+from server.api import adapters as api_adapters
 from tests.reliability.conftest import running_server
 from tests.serving import make_request
 
@@ -22,6 +23,14 @@ BUDGET_S = 2.0  # raised from the default so that a GIL-holding matcher would st
 
 def test_pathological_pattern_fails_while_streams_keep_flowing(tiny_llama, reliability_root, monkeypatch):
     monkeypatch.setattr(patterns, "MATCH_BUDGET_S", BUDGET_S)
+    parsed_on: list[str] = []
+    real_load = api_adapters.load_adapter_files
+
+    def recording_load(*args, **kwargs):
+        parsed_on.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(api_adapters, "load_adapter_files", recording_load)
     config = json.loads((reliability_root / "lora" / "adapter_config.json").read_text())
     config["rank_pattern"] = {r"(.*?)*(.*?)*(.*?)*\.[a-z]_": 4}
     tensors = st_load((reliability_root / "lora" / "adapter_model.safetensors").read_bytes())
@@ -56,6 +65,8 @@ def test_pathological_pattern_fails_while_streams_keep_flowing(tiny_llama, relia
         for c in clients:
             c.join(timeout=60)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "rank_pattern: pattern" in details and "takes more" in details
+    # parsed on a worker thread: neither the event loop's thread nor the engine's
+    assert parsed_on and not {"adapterserve-grpc", "adapterserve-engine"} & set(parsed_on), parsed_on
     assert t1 - t0 >= BUDGET_S * 0.9  # the matcher really spent its budget ...
     for times in arrivals:  # ... while every stream kept receiving tokens
         window = [t for t in times if t0 <= t <= t1]
