@@ -63,6 +63,37 @@ def peft_greedy_reference(
     return tokens, logprobs
 
 
+@torch.no_grad()
+def peft_teacher_forced(base_dir: str | Path, adapter_dir: str | Path | None, seq: list[int], n_prompt: int,
+                        dtype: torch.dtype = torch.float64, attn: str = "eager") -> torch.Tensor:
+    """Log-probabilities [len(seq) - n_prompt, V] (float64) PEFT gives at each position after the prompt.
+
+    One forward over the whole sequence in `dtype` with `attn` attention: float64 + eager is the ground
+    truth the precision tests measure against; float32 runs show the reference's own rounding noise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, attn_implementation=attn)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    n_new = len(seq) - n_prompt
+    # Counted from the end: prompt tuning's logits also cover its virtual tokens, in front.
+    logits = model.eval()(input_ids=torch.tensor([seq])).logits[0, -(n_new + 1):-1]  # [n_new, V]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def scale_prefix_adapter(folder: str | Path, factor: float) -> Path:
+    """Multiply a saved prefix/prompt adapter's ``prompt_embeddings`` by `factor` in place (large activations)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v * factor for k, v in tensors.items()}, str(path))
+    return Path(folder)
+
+
 def peft_config(kind: str, **overrides):
     """A PEFT config for `kind` ("lora", "prompt", "ptuning", "prefix") with small defaults."""
     from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
