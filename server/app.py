@@ -57,7 +57,8 @@ class ServerApp:
         # The engine thread re-takes the GIL after every torch op; a short switch interval keeps
         # the gRPC thread from holding it for the default 5 ms while a step waits.
         sys.setswitchinterval(0.0005)
-        self.model = model or load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir or None, cfg.matmul)
+        self.model = model or load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir or None, cfg.matmul,
+                                         cfg.kernels, cfg.cuda_graphs)
         args = self.model.args
         self.max_context = min(cfg.max_context or args.max_position_embeddings, args.max_position_embeddings)
         self.metrics = ServerMetrics(cfg.metrics_max_adapter_labels, build_info={

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import server.kernels.runtime  # noqa: F401  (before anything imports triton: CPU runs its interpreter)
 from tests.tiny_models import make_tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

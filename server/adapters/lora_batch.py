@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.lora_kernels import KernelLora, row_slots_tensor
+from server.adapters.slot_uploads import SlotUploader
 from server.model.config import ModelArgs
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -88,6 +90,9 @@ class LoraSlots:
         self.bt: dict[tuple[int, str], list[torch.Tensor]] = {}  # (layer, group) -> per projection [slots, r, out_j]
         self._loaded: dict[int, dict] = {}  # slot -> the adapter's modules (host), to repack on growth
         self._views: dict[tuple[int, int], dict] = {}  # (lo, u) -> the slot range's operands, see operands()
+        self.use_kernels = False  # set by the owner when the runtime runs the Triton kernels
+        self.version = 0  # bumped whenever slot tensors are reallocated (CUDA graphs recapture then)
+        self.uploader = SlotUploader(device)  # host -> device copies (pinned, side stream on CUDA)
 
     def operands(self, lo: int, u: int) -> dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]]:
         """Views of slots lo..lo+u-1 per (layer, group): (at [U, in, G*r], per projection B^T [U, r, out_j]).
@@ -111,6 +116,7 @@ class LoraSlots:
             self.rank = rank
             self.at, self.bt = {}, {}
             self._views.clear()
+            self.version += 1
             for s, mods in self._loaded.items():
                 self._write(s, mods)
         else:
@@ -125,8 +131,13 @@ class LoraSlots:
                 self._allocate(key)
             j = GROUPS[group].index(name)
             r = mod.a.shape[0]
-            self.at[key][slot, :, j * self.rank:j * self.rank + r] = mod.a.t()
-            torch.mul(mod.b.t(), mod.scale, out=self.bt[key][j][slot, :r])
+            self.uploader.copy(self.at[key][slot, :, j * self.rank:j * self.rank + r], mod.a.t())
+            self.uploader.copy_scaled(self.bt[key][j][slot, :r], mod.b.t(), mod.scale)
+        self.uploader.done()
+
+    def wait_for_uploads(self) -> None:
+        """Make the compute stream wait (on the device, not the host) for slot writes in flight."""
+        self.uploader.wait()
 
     def _allocate(self, key: tuple[int, str]) -> None:
         in_f, cols = _group_shape(self.args, key[1])
@@ -134,6 +145,7 @@ class LoraSlots:
         self.at[key] = torch.zeros((self.num_slots, in_f, len(cols) * self.rank), **zeros)
         self.bt[key] = [torch.zeros((self.num_slots, self.rank, c1 - c0), **zeros) for c0, c1 in cols]
         self._views.clear()
+        self.version += 1
 
     def clear(self, slot: int) -> None:
         modules = self._loaded.pop(slot, None)
@@ -141,9 +153,10 @@ class LoraSlots:
             return
         for key in {(layer, GROUP_OF[m]) for layer, m in modules}:
             if key in self.at:
-                self.at[key][slot].zero_()
+                self.uploader.zero(self.at[key][slot])
                 for bt in self.bt[key]:
-                    bt[slot].zero_()
+                    self.uploader.zero(bt[slot])
+        self.uploader.done()
 
 
 @dataclass
@@ -170,7 +183,14 @@ class LoraBatch:
     def __init__(self, slots: LoraSlots, row_slots: list[int], merged: MergedCorrection | None):
         self.slots = slots
         self.merged = merged
+        self.row_slots = row_slots
         self.active = any(s >= 0 for s in row_slots)
+        self.kernel: KernelLora | None = None  # the Triton path (CUDA), see server.adapters.lora_kernels
+        if self.active:
+            slots.wait_for_uploads()
+        if self.active and slots.use_kernels:
+            self.kernel = KernelLora(slots, row_slots_tensor(row_slots, slots.device))
+            return
         if not self.active:
             return
         lora_rows = [(row, s) for row, s in enumerate(row_slots) if s >= 0]
@@ -220,6 +240,10 @@ class LoraBatch:
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the LoRA contribution for x [B, S, in] into the fused `group` output out [B, S, out] in place."""
         key = (layer, group)
+        if self.kernel is not None:
+            self.kernel.apply(layer, group, x, out)
+            self._merged(key, x, out)
+            return
         with _cpu_threads(self.slots.decode_threads if x.shape[1] == 1 and x.device.type == "cpu" else 0):
             if self.active and key in self.slots.at:
                 if self.blocks and out.is_contiguous() and (len(self.blocks) <= MAX_DECODE_BLOCKS or x.shape[1] > 1):

@@ -38,6 +38,7 @@ class Residency:
         self.memory_bytes = memory_bytes
         self.metrics = metrics
         self.slots = LoraSlots(runtime.args, max_resident, runtime.device, runtime.dtype, lora_threads)
+        self.slots.use_kernels = getattr(runtime, "use_kernels", False)  # Triton LoRA where the model runs Triton
         self._free_slots = list(range(max_resident))
         self._installed: dict[int, AdapterEntry] = {}  # every installed, not yet freed entry
         self._lru: collections.OrderedDict[int, AdapterEntry] = collections.OrderedDict()  # resident, oldest first

@@ -63,7 +63,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
     temps = torch.tensor([r.sampling.temperature for r in requests], dtype=torch.float32, device=dev)
     greedy = temps < GREEDY_BELOW  # [B]
     chosen = processed.argmax(dim=-1)  # [B]
-    if not bool(greedy.all()):
+    if not all(r.sampling.temperature <= 0 for r in requests):  # decided on the host: no device sync
         idx = (~greedy).nonzero().flatten()  # rows that sample
         top_k = torch.tensor([requests[i].sampling.top_k for i in idx.tolist()], device=dev)
         top_p = torch.tensor([requests[i].sampling.top_p for i in idx.tolist()], device=dev)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model.config import ModelArgs
+from server.model.kernel_dispatch import kernel_forward, kernels_wanted
 from server.model.linear import Projection, onednn_usable
 from server.model.weights import ModelWeights
 
@@ -85,8 +86,11 @@ class LlamaRuntime:
     """The forward pass. Weights are frozen tensors; merge-on-load edits them in place (see adapters)."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, device: str, dtype: torch.dtype,
-                 matmul: str = "onednn"):
+                 matmul: str = "onednn", kernels: str = "auto", cuda_graphs: str = "on"):
         self.args = args
+        # Triton kernels on CUDA ("auto"), or forced ("triton": CPU runs them in the interpreter).
+        self.use_kernels = kernels_wanted(kernels, device)
+        self.graphs = None  # CUDA-graph decode runner, made by enable_cuda_graphs
         self.use_onednn = matmul == "onednn" and onednn_usable(device, dtype)
         self.w = weights
         self.device = device
@@ -104,11 +108,19 @@ class LlamaRuntime:
         self.gate_up_slices = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter)}
         self.proj = [self._layer_projections(layer) for layer in weights.layers]
         self.lm_head = Projection(weights.lm_head, use_onednn=self.use_onednn)
+        if cuda_graphs == "on" and self.use_kernels and str(device).startswith("cuda"):
+            from server.model.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     def _layer_projections(self, layer) -> dict[str, Projection]:
         fast = self.use_onednn
         return {"qkv": Projection(layer.wqkv, layer.bqkv, fast), "o": Projection(layer.wo, layer.bo, fast),
                 "gate_up": Projection(layer.w_gate_up, use_onednn=fast), "down": Projection(layer.w_down, use_onednn=fast)}
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head over final-normed hidden states h [..., H] -> float32 logits [..., V]."""
+        return self.lm_head(h).float()
 
     def refresh_layer(self, index: int) -> None:
         """Call after editing a layer's dense weights in place (merge-on-load / unmerge)."""
@@ -157,6 +169,10 @@ class LlamaRuntime:
     def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Run one batch step; return logits [B, V] (float32) at each row's last new token,
         or [B, S, V] for every position when `all_logits`."""
+        if self.use_kernels:  # the CUDA path: fused Triton kernels, decode steps replayed as CUDA graphs
+            if self.graphs is not None and not all_logits and self.graphs.can_run(step, cache):
+                return self.graphs.run(step, cache)
+            return kernel_forward(self, step, cache, all_logits)
         a, w = self.args, self.w
         x = w.embed[step.input_ids] if step.input_embeds is None else step.input_embeds.to(self.dtype)  # [B, S, H]
         bsz, seq = x.shape[:2]

@@ -43,7 +43,7 @@ def resolve_model_folder(model: str, cache_dir: str | None = None) -> tuple[str,
 
 
 def load_model(model: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
-               matmul: str = "onednn") -> LoadedModel:
+               matmul: str = "onednn", kernels: str = "auto", cuda_graphs: str = "on") -> LoadedModel:
     """Load config, weights and tokenizer; raise UnsupportedModelError with a clear reason."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UnsupportedModelError("--device cuda requested but torch sees no CUDA device")
@@ -51,7 +51,8 @@ def load_model(model: str, device: str = "cpu", dtype: str = "float32", cache_di
     name, folder = resolve_model_folder(model, cache_dir)
     args = read_model_args(folder)
     weights = load_weights(folder, args, DTYPES[dtype], device)
-    runtime = LlamaRuntime(args, weights, device, DTYPES[dtype], matmul=matmul)
+    runtime = LlamaRuntime(args, weights, device, DTYPES[dtype], matmul=matmul, kernels=kernels,
+                           cuda_graphs=cuda_graphs)
     tokenizer = Tokenizer.from_folder(folder, args)
     log.info("loaded %s (%s, %d layers) on %s/%s in %.2fs", name, args.architecture, args.num_layers,
              device, dtype, time.perf_counter() - t0)
