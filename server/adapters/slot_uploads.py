@@ -40,6 +40,10 @@ class SlotUploader:
             dst.copy_(src)
             return
         self._begin()
+        if src.device.type != "cpu":  # already on the device (bench/gpu_check builds adapters there)
+            with torch.cuda.stream(self._stream):
+                dst.copy_(src)
+            return
         pinned = src.contiguous().pin_memory()
         self._staging.append(pinned)
         with torch.cuda.stream(self._stream):

@@ -40,11 +40,14 @@ class SortedTokens:
 
 def sort_tokens(token_slots: torch.Tensor, num_slots: int) -> SortedTokens:
     """Group tokens [N] (slot index or -1) by slot with device ops only (graph-capturable)."""
-    key = torch.where(token_slots < 0, num_slots, token_slots)  # [N], no-LoRA tokens sort last
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(num_slots + 1, dtype=torch.int32, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))  # bincount without a sync
+    key = torch.where(token_slots < 0, num_slots, token_slots)  # [N], no-LoRA tokens go last
+    n = key.shape[0]
+    # A counting sort by one-hot cumsums: no sort kernel, nothing read back, fixed shapes.
+    onehot = key[None, :] == torch.arange(num_slots + 1, device=key.device)[:, None]  # [slots+1, N]
+    counts = onehot.sum(1, dtype=torch.int32)  # [slots+1]
     starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    rank = (onehot.cumsum(1, dtype=torch.int32) - 1).gather(0, key[None, :])[0]  # [N] index within its slot
+    order = torch.empty_like(key).scatter_(0, (starts[key] + rank).long(), torch.arange(n, device=key.device))
     return SortedTokens(order, counts[:num_slots].contiguous(), starts[:num_slots].contiguous())
 
 

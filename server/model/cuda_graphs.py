@@ -16,6 +16,7 @@ device is CUDA; ``graphs_usable`` says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ def bucket_for(rows: int, buckets: tuple[int, ...] = BUCKETS) -> int | None:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None] | None  # replays the captured step
     input_ids: torch.Tensor  # [Bb, 1] int64
     start: torch.Tensor  # [Bb] int64
     lengths: torch.Tensor  # [Bb] int64: 1 for real rows, 0 for padding
@@ -49,10 +50,12 @@ class _Graph:
     row_slots: torch.Tensor  # [Bb] int64, -1 = no LoRA
     logits: torch.Tensor  # [Bb, V] float32, written by each replay
     lora_version: int | None  # LoraSlots.version captured (None: captured without LoRA)
+    cache: PagedKVCache | None = None  # the cache whose tensors the graph reads and writes (kept alive)
+    slots: object | None = None  # the LoraSlots whose tensors the graph reads
 
 
 class DecodeGraphs:
-    """Captures lazily, per (bucket, cache, whether LoRA slots exist); see the module docstring."""
+    """Captures lazily, per (bucket, whether LoRA slots exist), for one KV cache; see the module docstring."""
 
     def __init__(self, runtime: LlamaRuntime, buckets: tuple[int, ...] = BUCKETS):
         self.rt = runtime
@@ -91,15 +94,15 @@ class DecodeGraphs:
         if slots is not None:
             g.row_slots[:rows].copy_(lora.kernel.row_slots)
         g.row_slots[rows:].fill_(-1)
-        g.graph.replay()
+        g.replay()
         self.replays += 1
         return g.logits[:rows]
 
     def _graph(self, bucket: int, cache: PagedKVCache, slots) -> _Graph:
-        key = (bucket, id(cache), slots is not None)
+        key = (bucket, slots is not None)
         g = self._graphs.get(key)
         version = None if slots is None else slots.version
-        if g is None or g.lora_version != version:
+        if g is None or g.lora_version != version or g.cache is not cache or g.slots is not slots:
             g = self._capture(bucket, cache, slots)
             self._graphs[key] = g
         return g
@@ -110,25 +113,37 @@ class DecodeGraphs:
 
         dev = self.rt.device
         z = dict(dtype=torch.int64, device=dev)
-        g = _Graph(graph=torch.cuda.CUDAGraph(), input_ids=torch.zeros((bucket, 1), **z), start=torch.zeros(bucket, **z),
+        g = _Graph(replay=None, input_ids=torch.zeros((bucket, 1), **z), start=torch.zeros(bucket, **z),
                    lengths=torch.zeros(bucket, **z), tables=torch.zeros((bucket, cache.num_pages), **z),
-                   row_slots=torch.full((bucket,), -1, **z), logits=None, lora_version=None)
+                   row_slots=torch.full((bucket,), -1, **z), logits=None, lora_version=None, cache=cache,
+                   slots=slots)
         lora = None
         if slots is not None:
             lora = KernelLora(slots, g.row_slots)
             g.lora_version = slots.version
         step = StepInput(start=g.start, lengths=g.lengths, block_tables=g.tables, input_ids=g.input_ids, lora=lora)
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.inference_mode():  # warm up (Triton compiles) outside the graph
-            for _ in range(2):
-                kernel_forward(self.rt, step, cache)
-                if lora is not None:
-                    lora._tokens = None
-        torch.cuda.current_stream(dev).wait_stream(side)
-        with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self._pool):
-            g.logits = kernel_forward(self.rt, step, cache)  # all rows padding: nothing written to the cache
-        if self._pool is None:
-            self._pool = g.graph.pool()
+
+        def body() -> torch.Tensor:
+            if lora is not None:
+                lora._tokens = None  # regroup the rows inside the graph, from the static slot buffer
+            return kernel_forward(self.rt, step, cache)  # all rows padding: nothing written to the cache
+
+        g.replay, g.logits = self._record(body)
         self.captures += 1
         return g
+
+    def _record(self, body: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """Warm `body` up on a side stream (Triton compiles there), capture it; (replay, its output)."""
+        dev = self.rt.device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            out = body()
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph.replay, out

@@ -60,6 +60,14 @@ def load_weights(folder: Path, args: ModelArgs, dtype: torch.dtype, device: str)
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 raw[key] = f.get_tensor(key)
+    return fuse_weights(raw, args, dtype, device, str(folder))
+
+
+def fuse_weights(raw: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype, device: str,
+                 source: str = "state dict") -> ModelWeights:
+    """Fuse an HF state dict {name: tensor} per layer (consumes `raw`); unfused tensors already of
+    `dtype` on `device` are used as they are (bench/gpu_check shares them with a transformers model)."""
+    folder = source
 
     def take(name: str, required: bool = True) -> torch.Tensor | None:
         t = raw.pop(name, None)

@@ -14,7 +14,7 @@ import torch
 
 from server.adapters.lora_batch import LoraBatch, LoraSlots
 from server.adapters.slot_uploads import SlotUploader, side_stream_uploads
-from server.model.cuda_graphs import bucket_for, graphs_usable
+from server.model.cuda_graphs import DecodeGraphs, bucket_for, graphs_usable
 from server.model.kernel_dispatch import kernels_wanted
 from server.model.llama import LlamaRuntime, PagedKVCache, StepInput
 from server.model.loader import load_model
@@ -101,3 +101,58 @@ def test_cuda_only_pieces_fall_back_on_cpu():
     up.wait()
     assert dst.tolist() == [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]]
     assert [bucket_for(n) for n in (1, 3, 64, 65, 256, 257)] == [1, 4, 64, 96, 256, None]
+
+
+class _ReplayByRerun(DecodeGraphs):
+    """DecodeGraphs with capture replaced by re-running the captured body over the static buffers:
+    on CPU this checks everything but the CUDA capture itself (buffers, padding rows, recapture rules)."""
+
+    def _record(self, body):
+        out = body()
+        return (lambda: out.copy_(body())), out
+
+
+def test_graph_runner_logic_with_static_buffers(runtimes):
+    torch_rt, triton_rt = runtimes
+    args = torch_rt.args
+    graphs = _ReplayByRerun(triton_rt, buckets=(2, 4))
+    slots = _slots(args, use_kernels=True)
+    gen = torch.Generator().manual_seed(3)
+    tables = torch.stack([torch.randperm(24, generator=gen)[:4] for _ in range(3)])
+    caches = []
+    for _ in range(2):
+        cache = PagedKVCache(args, num_pages=24, page_size=4, dtype=torch.float32, device="cpu")
+        for layer in range(args.num_layers):
+            cache.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
+        caches.append(cache)
+
+    def step(row_slots, ids):
+        return StepInput(start=torch.tensor([5, 9, 2]), lengths=torch.ones(3, dtype=torch.long), block_tables=tables,
+                         input_ids=ids, lora=LoraBatch(slots, row_slots, None))
+
+    ids = torch.tensor([[3], [7], [11]])
+    s = step([1, -1, 0], ids)
+    assert graphs.can_run(s, caches[0])
+    got = graphs.run(s, caches[0])  # 3 rows in the 4-row bucket: one padding row
+    want = torch_rt.forward(step([1, -1, 0], ids), caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for layer in range(args.num_layers):  # the padding row wrote nothing
+        torch.testing.assert_close(caches[0].k[layer], caches[1].k[layer], rtol=1e-5, atol=1e-5)
+    assert graphs.captures == 1
+    slots.load(3, _adapters(args, 3)[0])  # a new adapter in a free slot, same rank: no recapture
+    got = graphs.run(step([3, 3, -1], ids), caches[0])
+    want = torch_rt.forward(step([3, 3, -1], ids), caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert graphs.captures == 1 and graphs.replays == 2
+    big = _adapters(args, 1)[0]
+    for mod in big.values():  # a higher rank reallocates the slot tensors: one recapture
+        mod.a, mod.b = torch.cat([mod.a] * 8), torch.cat([mod.b] * 8, 1) / 8  # rank 2 -> 16
+    slots.load(2, big)
+    graphs.run(step([2, 0, 1], ids), caches[0])
+    assert graphs.captures == 2
+    merged = StepInput(start=torch.tensor([1]), lengths=torch.tensor([1]), block_tables=tables[:1],
+                       input_ids=torch.tensor([[1]]), lora=SimpleNamespace(merged=object(), active=True))
+    assert not graphs.can_run(merged, caches[0])  # a merged adapter's correction runs eagerly
+    wide = StepInput(start=torch.zeros(5, dtype=torch.long), lengths=torch.ones(5, dtype=torch.long),
+                     block_tables=torch.zeros(5, 1, dtype=torch.long), input_ids=torch.zeros(5, 1, dtype=torch.long))
+    assert not graphs.can_run(wide, caches[0])  # more rows than the largest bucket
