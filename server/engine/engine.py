@@ -41,6 +41,7 @@ from server.engine.scheduler import PageAllocator, WaitingQueue
 from server.metrics import ServerMetrics
 from server.model.llama import PagedKVCache, StepInput
 from server.model.tokenizer import Tokenizer
+from server.model.transfer import to_device
 from server.ports import AdapterReleaser, AdapterResidency, ModelRuntime, RequestRefused
 
 T = TypeVar("T")
@@ -204,7 +205,7 @@ class Engine:
     def _block_tables(self, batch: list[Request]) -> torch.Tensor:
         width = max(len(r.pages) for r in batch)
         rows = [r.pages + [r.pages[0]] * (width - len(r.pages)) for r in batch]
-        return torch.tensor(rows, dtype=torch.long, device=self.runtime.device)  # [B, P]
+        return to_device(rows, self.runtime.device)  # [B, P]
 
     def _prefill(self, admitted: list[Request]) -> None:
         # Split into chunks whose padded size fits --max-prefill-tokens (at least one request each).
@@ -248,10 +249,10 @@ class Engine:
         t0 = time.perf_counter()
         dev = self.runtime.device
         step = StepInput(
-            start=torch.tensor([r.cached for r in batch], device=dev),
+            start=to_device([r.cached for r in batch], dev),
             lengths=torch.ones(len(batch), dtype=torch.long, device=dev),
             block_tables=self._block_tables(batch),
-            input_ids=torch.tensor([[r.output_ids[-1]] for r in batch], device=dev),
+            input_ids=to_device([[r.output_ids[-1]] for r in batch], dev),
             lora=self.adapters.lora_delta([r.adapter for r in batch]),
         )
         logits = self.runtime.forward(step, self.cache)  # [B, V]

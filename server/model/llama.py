@@ -90,7 +90,8 @@ class LlamaRuntime:
         self.args = args
         # Triton kernels on CUDA ("auto"), or forced ("triton": CPU runs them in the interpreter).
         self.use_kernels = kernels_wanted(kernels, device)
-        self.graphs = None  # CUDA-graph decode runner, made by enable_cuda_graphs
+        self.graphs = None  # CUDA-graph decode runner (CUDA with the kernels and --cuda-graphs on)
+        self._fp32_logits_mm = True
         self.use_onednn = matmul == "onednn" and onednn_usable(device, dtype)
         self.w = weights
         self.device = device
@@ -119,7 +120,14 @@ class LlamaRuntime:
                 "gate_up": Projection(layer.w_gate_up, use_onednn=fast), "down": Projection(layer.w_down, use_onednn=fast)}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head over final-normed hidden states h [..., H] -> float32 logits [..., V]."""
+        """lm_head over final-normed hidden states h [..., H] -> float32 logits [..., V]; on CUDA in
+        bf16/fp16 the matmul writes float32 directly (no rounding of the logits to 16 bits)."""
+        if h.is_cuda and h.dtype != torch.float32 and self._fp32_logits_mm:
+            try:
+                flat = h.reshape(-1, h.shape[-1])  # [N, H]
+                return torch.mm(flat, self.w.lm_head.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+            except RuntimeError:  # a torch/GPU without mm(out_dtype=): round through the model dtype
+                self._fp32_logits_mm = False
         return self.lm_head(h).float()
 
     def refresh_layer(self, index: int) -> None:
