@@ -26,6 +26,7 @@ from server.adapters.catalog import AdapterCatalog
 from server.adapters.formats import AdapterLimits
 from server.adapters.residency import Residency
 from server.api.adapters import AdapterServicer
+from server.api.core import GenerationCore
 from server.api.generation import GenerationServicer
 from server.api.malformed import MalformedMessageInterceptor
 from server.api.security import add_listen_port, server_interceptors
@@ -111,8 +112,8 @@ class ServerApp:
         server = grpc.aio.server(interceptors=interceptors, options=opts)
         limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size)
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
-            self.engine, self.adapters, self.model.tokenizer, limits, self.model_info(), self.metrics), server)
+        self.core = GenerationCore(self.engine, self.adapters, self.model.tokenizer, limits, self.metrics)
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.core, self.model_info()), server)
         adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root, self.adapter_limits)
         pb_grpc.add_AdapterServiceServicer_to_server(adapter_servicer, server)
         self._health = HealthServicer()

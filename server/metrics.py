@@ -13,7 +13,7 @@ listener: Prometheus text format 0.0.4 by default, OpenMetrics 1.0 when the scra
 
 Label values are bounded: ``adapter`` takes at most ``max_adapter_labels`` distinct ids (later
 ones become ``_other``; the base model is ``_base``), ``status`` is a gRPC code name, ``type`` is
-one of the four adapter types, ``phase`` is ``prefill`` or ``decode``. An out-of-set value for a
+one of the four adapter types, ``phase`` is ``prefill`` or ``decode``, ``api`` is ``grpc`` or ``http``. An out-of-set value for a
 fixed set raises ``ValueError`` -- that is a caller bug, surfaced in tests rather than turned
 into an unbounded label.
 """
@@ -33,6 +33,7 @@ OTHER_LABEL = "_other"
 
 ADAPTER_TYPES = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
 PHASES = ("prefill", "decode")
+APIS = ("grpc", "http")
 GRPC_STATUS_NAMES = frozenset(
     {
         "OK",
@@ -155,6 +156,21 @@ class ServerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        self.api_requests = Counter(
+            p + "api_requests_total",
+            "Finished requests by API (grpc, http) and gRPC status code (also counted in requests_total).",
+            ["api", "status"],
+            registry=r,
+        )
+        self.api_ttft = Histogram(
+            p + "api_time_to_first_token_seconds",
+            "Time from arrival to the first generated token, by API (grpc, http).",
+            ["api"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        for api in APIS:
+            self.api_ttft.labels(api=api)
         self.queue_wait = Histogram(
             p + "queue_wait_seconds",
             "Time a request waited before first admission.",
@@ -269,8 +285,11 @@ class ServerMetrics:
         total_s: float,
         ttft_s: float | None = None,
         tpot_s: float | None = None,
+        api: str = "grpc",
     ) -> None:
         """Record one finished request, whatever its outcome. Call exactly once per request.
+
+        ``api`` (``grpc`` or ``http``) labels ``api_requests_total`` and the per-API TTFT.
 
         ``status`` is the gRPC code name (or a ``grpc.StatusCode``). Always counted:
         ``requests_total{adapter,status}`` +1, prompt tokens, generated tokens (partial output of
@@ -279,7 +298,10 @@ class ServerMetrics:
         observed whenever given (not None), whatever the status.
         """
         code = status_name(status)
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {api!r}")
         adapter = self.adapter_label(adapter_id)
+        self.api_requests.labels(api=api, status=code).inc()
         self.requests.labels(adapter=adapter, status=code).inc()
         self.prompt_tokens.labels(adapter=adapter).inc(prompt_tokens)
         self.generation_tokens.labels(adapter=adapter).inc(completion_tokens)
@@ -287,6 +309,7 @@ class ServerMetrics:
             self.request_duration.labels(adapter=adapter).observe(total_s)
         if ttft_s is not None:
             self.ttft.labels(adapter=adapter).observe(ttft_s)
+            self.api_ttft.labels(api=api).observe(ttft_s)
         if tpot_s is not None:
             self.tpot.labels(adapter=adapter).observe(tpot_s)
 

@@ -27,6 +27,8 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.js
 
 EXPECTED_FAMILIES = {
     "adapterserve_requests_total",
+    "adapterserve_api_requests_total",
+    "adapterserve_api_time_to_first_token_seconds",
     "adapterserve_request_duration_seconds",
     "adapterserve_time_to_first_token_seconds",
     "adapterserve_time_per_output_token_seconds",
@@ -447,6 +449,8 @@ def test_dashboard_is_valid_and_references_only_exposed_metrics(metrics):
         "adapterserve_adapter_cache_hits_total",
         "adapterserve_adapters_registered",
         "adapterserve_adapters_resident",
+        "adapterserve_api_requests_total",
+        "adapterserve_api_time_to_first_token_seconds_bucket",
     ]:
         assert family in referenced, family
     for panel in dash["panels"]:
@@ -521,3 +525,14 @@ def test_text_log_and_level(log_stream):
     assert 'error="boom here"' in line
     with pytest.raises(ValueError):
         configure_logging("xml")
+
+
+def test_api_label_is_bounded_and_counts_each_request_once(metrics):
+    metrics.request_finished("a1", "OK", 3, 4, 0.5, ttft_s=0.1, api="http")
+    metrics.request_finished("a1", "NOT_FOUND", 0, 0, 0.01)  # api defaults to grpc
+    assert value(metrics, "adapterserve_api_requests_total", api="http", status="OK") == 1
+    assert value(metrics, "adapterserve_api_requests_total", api="grpc", status="NOT_FOUND") == 1
+    assert value(metrics, "adapterserve_api_time_to_first_token_seconds_count", api="http") == 1
+    assert value(metrics, "adapterserve_requests_total", adapter="a1", status="OK") == 1
+    with pytest.raises(ValueError, match="api must be one of"):
+        metrics.request_finished("a1", "OK", 0, 0, 0.1, api="websocket")

@@ -1,0 +1,258 @@
+"""Protocol-neutral generation: the one validated path both gRPC and HTTP requests take.
+
+Hops of one request, all in this file: ``GenerationCore.start`` acquires the adapter, tokenizes,
+validates the sampling settings (``server.api.validation``: one set of rules and limits) and
+submits to the engine; ``Generation.events`` relays the engine's events until the FinishEvent,
+enforcing the deadline and turning a client's cancel into an engine cancel; ``Generation.close``
+records metrics and the one log line per request, exactly once whatever the outcome.
+
+Failures raise :class:`GenerationError` carrying a canonical status (``grpc.StatusCode``: the
+shared vocabulary of metrics, logs and both APIs); gRPC aborts with it, HTTP maps it to an
+OpenAI error body. Thread domain: the asyncio event loop only (the engine's events are handed
+over by an :class:`EventPump`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from server.adapters.catalog import AdapterCatalog
+from server.api.errors import error_message, status_for
+from server.api.validation import Limits, prompt_ids, sampling
+from server.engine.engine import Engine
+from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
+from server.metrics import OTHER_LABEL, ServerMetrics
+from server.model.tokenizer import Tokenizer
+from server.request_log import log_request
+
+APIS = ("grpc", "http")
+
+# A client's own deadline fires a little before ours (transit, timeout rounding): its cancel that
+# close to our deadline is the deadline, not a user cancel.
+DEADLINE_SLACK_S = 0.1
+
+
+class GenerationError(Exception):
+    """A request failed; ``code`` is its canonical status, ``message`` names the field when it is bad input."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EventPump:
+    """Hands engine events to the event loop with one wake-up per burst instead of one per event.
+
+    The engine thread emits an event for every running request each step; waking the loop once
+    and draining them all keeps the loop (and its GIL time) out of the engine thread's way.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: object) -> None:
+        """Called from the engine thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+class Outcome:
+    """What the request log and metrics need, filled in as the request progresses."""
+
+    def __init__(self, request_id: str, adapter_id: str, api: str):
+        self.request_id = request_id
+        self.adapter_id = adapter_id
+        self.metrics_adapter = adapter_id  # the id metrics are labelled with
+        self.api = api
+        self.status = "OK"
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish: FinishEvent | None = None
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.request: Request | None = None
+        self.error = ""
+
+
+class Generation:
+    """One submitted request: iterate :meth:`events` for TokenEvents then one FinishEvent."""
+
+    def __init__(self, core: GenerationCore, req: Request, queue: asyncio.Queue, outcome: Outcome,
+                 stop_at: float | None):
+        self.core = core
+        self.request = req
+        self.outcome = outcome
+        self._queue = queue
+        self._stop_at = stop_at
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self.outcome.request_id
+
+    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """TokenEvents then one FinishEvent; raises GenerationError on a failure or the deadline."""
+        o = self.outcome
+        try:
+            while True:
+                timeout = None if self._stop_at is None else max(0.0, self._stop_at - time.monotonic())
+                try:
+                    event = await asyncio.wait_for(self._queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    self.request.cancel("DEADLINE_EXCEEDED")
+                    raise GenerationError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                if isinstance(event, ErrorEvent):
+                    raise GenerationError(getattr(grpc.StatusCode, event.code), event.message)
+                if isinstance(event, TokenEvent):
+                    o.completion_tokens += len(event.token_ids)
+                    if o.first_token_s is None:
+                        o.first_token_s = time.perf_counter() - o.started
+                else:
+                    o.finish = event
+                yield event
+                if isinstance(event, FinishEvent):
+                    return
+        except GenerationError as e:
+            o.status, o.error = e.code.name, e.message
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+            o.status = self._cancel_status()
+            raise
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        """The client went away: stop the engine request (its KV pages are freed at the next step)."""
+        if self.outcome.finish is None and self.outcome.status == "OK":
+            self.outcome.status = self._cancel_status()
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the engine request if it is still running; record metrics and the log line (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        o = self.outcome
+        if o.finish is None:
+            if o.status == "OK":
+                o.status = "CANCELLED"
+            self.request.cancel(o.status if o.status in ("CANCELLED", "DEADLINE_EXCEEDED") else "CANCELLED")
+        self.core.record(o)
+
+    def _cancel_status(self) -> str:
+        """DEADLINE_EXCEEDED when the call's deadline has (about) passed, else CANCELLED.
+
+        gRPC also cancels the handler at the deadline, racing our own deadline timer.
+        """
+        near = self._stop_at is not None and time.monotonic() >= self._stop_at - DEADLINE_SLACK_S
+        return "DEADLINE_EXCEEDED" if near else "CANCELLED"
+
+
+class GenerationCore:
+    """Validates, submits and records generation requests for every API (event loop only)."""
+
+    def __init__(self, engine: Engine, adapters: AdapterCatalog, tokenizer: Tokenizer, limits: Limits,
+                 metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.adapters = adapters
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.metrics = metrics
+        self._event_pump: EventPump | None = None
+
+    def _pump(self) -> EventPump:
+        loop = asyncio.get_running_loop()
+        if self._event_pump is None or self._event_pump.loop is not loop:
+            self._event_pump = EventPump(loop)
+        return self._event_pump
+
+    async def start(self, request: pb.GenerateRequest, *, api: str,
+                    timeout_s: float | None = None) -> Generation:
+        """Validate and submit ``request``; raises GenerationError (already recorded) when it cannot start."""
+        outcome = Outcome(request.request_id or uuid.uuid4().hex, request.adapter_id, api)
+        try:
+            req = self._build(request, outcome)
+            self._submit(req)
+        except GenerationError as e:
+            outcome.status, outcome.error = e.code.name, e.message
+            self.record(outcome)
+            raise
+        queue: asyncio.Queue = asyncio.Queue()
+        pump = self._pump()
+        req.emit = lambda ev: pump.post(queue, ev)
+        outcome.request = req
+        stop_at = None if timeout_s is None else time.monotonic() + timeout_s
+        return Generation(self, req, queue, outcome, stop_at)
+
+    def _build(self, request: pb.GenerateRequest, outcome: Outcome) -> Request:
+        entry = None
+        try:
+            if request.adapter_id:
+                try:
+                    entry = self.adapters.acquire(request.adapter_id)
+                except LookupError as e:
+                    outcome.metrics_adapter = OTHER_LABEL  # unknown ids must not mint label values
+                    raise GenerationError(grpc.StatusCode.NOT_FOUND, error_message(e)) from e
+            prefix_len = entry.spec.num_virtual_tokens if entry is not None else 0
+            try:
+                ids = prompt_ids(request, self.tokenizer, self.limits.vocab_size)
+                outcome.prompt_tokens = len(ids)
+                params = sampling(request, len(ids), prefix_len, self.limits)
+            except ValueError as e:
+                raise GenerationError(status_for(e) or grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            # emit is replaced in start() before submission; events before that cannot happen
+            return Request(request_id=outcome.request_id, prompt_ids=ids, sampling=params,
+                           emit=lambda ev: None, adapter=entry)
+        except GenerationError:
+            if entry is not None:
+                self.adapters.release(entry)
+            raise
+
+    def _submit(self, req: Request) -> None:
+        try:
+            self.engine.submit(req)
+        except Exception as e:
+            if req.adapter is not None:
+                self.adapters.release(req.adapter)
+            code = status_for(e) or grpc.StatusCode.INTERNAL
+            raise GenerationError(code, error_message(e)) from e
+
+    def record(self, o: Outcome) -> None:
+        """Metrics and one log line for a finished request; every latency is measured from its arrival."""
+        total = time.perf_counter() - o.started
+        f, r = o.finish, o.request
+        ttft = o.first_token_s
+        tpot = None
+        if o.status == "OK" and ttft is not None and o.completion_tokens > 1:  # a full request's pace only
+            tpot = (total - ttft) / (o.completion_tokens - 1)
+        queue = None
+        if r is not None and r.admitted_at is not None:
+            queue = r.admitted_at - r.submitted_at
+        if self.metrics is not None:
+            self.metrics.request_finished(o.metrics_adapter, o.status, o.prompt_tokens, o.completion_tokens,
+                                          total_s=total, ttft_s=ttft, tpot_s=tpot, api=o.api)
+        log_request(o.request_id, o.adapter_id, o.status, o.prompt_tokens, o.completion_tokens,
+                    queue_ms=None if queue is None else queue * 1000, ttft_ms=None if ttft is None else ttft * 1000,
+                    total_ms=total * 1000, finish_reason=None if f is None else f.reason.value,
+                    error=o.error or None, api=o.api)
