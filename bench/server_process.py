@@ -25,6 +25,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "server", "--port", str(self.port), *args]
         if "--metrics-port" not in args:
             cmd += ["--metrics-port", "0"]
+        if "--http-port" not in args:
+            cmd += ["--http-port", "0"]
         if threads:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -28,6 +28,8 @@ from server.adapters.residency import Residency
 from server.api.adapters import AdapterServicer
 from server.api.core import GenerationCore
 from server.api.generation import GenerationServicer
+from server.api.http.app import HttpContext, build_app
+from server.api.http.server import HttpServer
 from server.api.malformed import MalformedMessageInterceptor
 from server.api.security import add_listen_port, server_interceptors
 from server.api.validation import MAX_TOP_LOGPROBS, Limits
@@ -76,6 +78,9 @@ class ServerApp:
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HttpServer | None = None
+        self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
@@ -123,27 +128,42 @@ class ServerApp:
         self.engine.start()
         await asyncio.get_running_loop().run_in_executor(None, self._preload, adapter_servicer)
         await server.start()
+        if cfg.http_port:
+            self._http = HttpServer(build_app(HttpContext(
+                core=self.core, adapter_service=adapter_servicer, model_name=self.model.name,
+                auth_token=cfg.resolved_auth_token(), admin_token=cfg.resolved_admin_token(),
+                registry=self.metrics.registry, serving=self.serving, max_body_bytes=cfg.max_message_bytes)), cfg)
+            self.http_port = await self._http.start()
         if cfg.metrics_port:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         self._server = server
         self._stopped = asyncio.Event()
-        log.info("serving %s on %s:%d (metrics on :%s)", self.model.name, cfg.host, self.port, self.metrics_port)
+        log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%s)", self.model.name, cfg.host, self.port,
+                 self.http_port, self.metrics_port)
         self._ready.set()
         await self._stopped.wait()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`, stop the engine."""
         grace = self.cfg.grace_seconds if grace is None else grace
+        self._serving = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
+        stops = [self._server.stop(grace)] if self._server is not None else []
+        if self._http is not None:
+            stops.append(self._http.stop(grace))
+        await asyncio.gather(*stops)
         self.engine.stop()
         self.metrics.stop_http()
         if self._stopped is not None:
             self._stopped.set()
+
+    def serving(self) -> bool:
+        """The health state both APIs report: True while SERVING, False before start and once draining."""
+        return self._serving
 
     # ------------------------------------------------------------------ running
     def start(self, timeout: float = 120.0) -> ServerApp:

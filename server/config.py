@@ -48,9 +48,12 @@ class ServerConfig:
     # -- network
     host: str = _opt("127.0.0.1", "gRPC listen address.", "network")
     port: int = _opt(50051, "gRPC listen port (0 = pick a free port).", "network")
+    http_port: int = _opt(8000, "OpenAI-compatible HTTP API port (0 disables).", "network")
+    http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP API listen address.", "network")
     metrics_port: int = _opt(9464, "Prometheus /metrics port (0 disables).", "network")
     metrics_host: str = _opt("127.0.0.1", "Prometheus /metrics listen address.", "network")
-    max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message accepted (adapter uploads).", "network")
+    max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message or HTTP body accepted (adapter uploads).",
+                                  "network")
     grace_seconds: float = _opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.", "network")
     # -- engine
     kv_cache_tokens: int = _opt(32768, "KV cache budget in tokens, shared by all running sequences.", "engine")
@@ -90,7 +93,7 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ["port", "metrics_port"]:
+        for name in ["port", "metrics_port", "http_port"]:
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"--{_flag(name)} must be in 0..65535, got {getattr(self, name)}")
         if self.max_context < 0 or self.threads < 0 or self.lora_threads < 0 or self.grace_seconds < 0:

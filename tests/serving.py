@@ -45,7 +45,7 @@ def start_server_fixture():
     started: list[Running] = []
 
     def start(model_dir, **overrides) -> Running:
-        cfg = ServerConfig(**{"model": str(model_dir), "port": 0, "metrics_port": 0, "threads": 2, **overrides})
+        cfg = ServerConfig(**{"model": str(model_dir), "port": 0, "metrics_port": 0, "http_port": 0, "threads": 2, **overrides})
         cfg.validate()
         running = Running(ServerApp(cfg).start())
         started.append(running)

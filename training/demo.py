@@ -43,7 +43,7 @@ def served_replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequ
     from server.config import ServerConfig
     from training.register import register_adapter
 
-    cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=0, threads=threads)
+    cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=0, http_port=0, threads=threads)
     cfg.validate()
     app = ServerApp(cfg).start()
     try:

@@ -72,18 +72,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         """None when the call may proceed, else the (status, message) to abort it with."""
         if method.startswith(PUBLIC_PREFIXES):
             return None
-        token = bearer_token(metadata)
-        is_admin = _same(token, self._admin)
-        is_user = is_admin or _same(token, self._auth)
-        if self._admin and method in ADMIN_METHODS:
-            if is_admin:
-                return None
-            if is_user:
-                return grpc.StatusCode.PERMISSION_DENIED, f"{_short(method)} requires the admin token"
-            return grpc.StatusCode.UNAUTHENTICATED, _missing_or_invalid(token, "admin token")
-        if not self._auth or is_user:
-            return None
-        return grpc.StatusCode.UNAUTHENTICATED, _missing_or_invalid(token, "token")
+        admin_call = f"{_short(method)}" if method in ADMIN_METHODS else None
+        return token_denial(bearer_token(metadata), self._auth, self._admin, admin_call)
 
     async def intercept_service(
         self,
@@ -98,6 +88,26 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if denial is None:
             return handler
         return _aborting_handler(handler, *denial)
+
+
+def token_denial(token: str | None, auth: str, admin: str,
+                 admin_call: str | None = None) -> tuple[grpc.StatusCode, str] | None:
+    """The one token rule of every API: None when allowed, else (status, message).
+
+    ``admin_call`` names the operation when it is an admin one (it then needs the admin token
+    when one is configured); the admin token is accepted wherever the plain one is.
+    """
+    is_admin = _same(token, admin)
+    is_user = is_admin or _same(token, auth)
+    if admin and admin_call is not None:
+        if is_admin:
+            return None
+        if is_user:
+            return grpc.StatusCode.PERMISSION_DENIED, f"{admin_call} requires the admin token"
+        return grpc.StatusCode.UNAUTHENTICATED, _missing_or_invalid(token, "admin token")
+    if not auth or is_user:
+        return None
+    return grpc.StatusCode.UNAUTHENTICATED, _missing_or_invalid(token, "token")
 
 
 def _short(method: str) -> str:

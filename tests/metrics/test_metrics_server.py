@@ -117,7 +117,7 @@ def serve():
     def start(model_dir, **overrides) -> Running:
         error: Exception | None = None
         for _ in range(3):  # the probed metrics port can be taken before the server binds it
-            cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=free_port(), threads=2, **overrides)
+            cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=free_port(), http_port=0, threads=2, **overrides)
             cfg.validate()
             app = ServerApp(cfg)
             try:

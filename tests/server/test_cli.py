@@ -52,7 +52,8 @@ def test_bad_config_is_refused_naming_the_flag(argv, env, message):
 
 def test_unsupported_model_exits_2_with_a_clear_message(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
-    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path), "--metrics-port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path), "--metrics-port", "0",
+                           "--http-port", "0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "unsupported architecture" in proc.stderr
@@ -61,7 +62,7 @@ def test_unsupported_model_exits_2_with_a_clear_message(tmp_path):
 def test_sigterm_goes_not_serving_drains_in_flight_and_exits_0(tiny_llama):
     port = free_port()
     env = {**os.environ, "ADAPTERSERVE_PORT": str(port), "ADAPTERSERVE_METRICS_PORT": "0",
-           "ADAPTERSERVE_GRACE_SECONDS": "20"}
+           "ADAPTERSERVE_HTTP_PORT": "0", "ADAPTERSERVE_GRACE_SECONDS": "20"}
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(tiny_llama)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,0 +1,65 @@
+"""Run the HTTP API with uvicorn on the gRPC server's own asyncio loop.
+
+Where it runs: on the same loop as grpc.aio, because both only relay engine events (the model
+runs on the engine thread), one loop receives the engine's event pump, and a second loop thread
+would only add GIL hand-offs; bench/http.py measures the two APIs side by side in one run.
+Thread domain: the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+import uvicorn
+
+from server.config import ServerConfig
+
+log = logging.getLogger("adapterserve.http")
+
+
+class HttpServer:
+    """uvicorn serving ``app`` on ``host:port`` with the gRPC server's TLS options."""
+
+    def __init__(self, app, cfg: ServerConfig):
+        self.cfg = cfg
+        ssl_kw = {}
+        if cfg.tls_cert:
+            ssl_kw = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key}
+            if cfg.tls_client_ca:
+                ssl_kw.update(ssl_ca_certs=cfg.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http="auto",
+                                     timeout_graceful_shutdown=cfg.grace_seconds, **ssl_kw)
+        self.server = uvicorn.Server(self.config)  # serve() is not used: it would take over SIGTERM
+        self.port: int | None = None
+        self._sock: socket.socket | None = None
+        self._main: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port. Raises RuntimeError when it cannot bind."""
+        cfg = self.cfg
+        try:
+            family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
+            self._sock = socket.create_server((cfg.http_host, cfg.http_port), family=family, backlog=2048)
+        except OSError as e:
+            raise RuntimeError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: {e}") from e
+        self.config.load()
+        self.server.lifespan = self.config.lifespan_class(self.config)
+        await self.server.startup(sockets=[self._sock])
+        self.port = self._sock.getsockname()[1]
+        self._main = asyncio.create_task(self.server.main_loop())
+        log.info("HTTP (OpenAI API) listening on %s:%d (%s)", cfg.http_host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext")
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let open responses finish within ``grace`` seconds, close."""
+        if self._main is None:
+            return
+        self.config.timeout_graceful_shutdown = grace
+        self.server.should_exit = True
+        await self._main
+        await self.server.shutdown(sockets=[self._sock] if self._sock else None)
+        self._main = None

@@ -1,0 +1,179 @@
+"""Every HTTP error status as the openai client's typed exception; auth, admin, /v1/models, health, disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from tests.http.conftest import async_client, base_url, client
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def wait_until(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"n": 9}, "n"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"stop": [""]}, "stop"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    ({"extra_body": {"min_tokens": 3}}, "min_tokens"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+])
+def test_bad_chat_input_is_400_naming_the_field(http, kwargs, param):
+    c = client(http)
+    body = {"model": "", "messages": MSG, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(**body)
+    assert e.value.status_code == 400 and e.value.param == param, e.value.body
+    assert e.value.body["message"].startswith(param), e.value.body
+    assert e.value.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"echo": True}, "echo"),
+    ({"suffix": "x"}, "suffix"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [10**6]}, "prompt"),
+    ({"logprobs": 6}, "logprobs"),
+])
+def test_bad_completion_input_is_400_naming_the_field(http, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(http).completions.create(**{"model": "", "prompt": "hi", "max_tokens": 2, **kwargs})
+    assert e.value.param == param, e.value.body
+
+
+def test_unknown_model_is_404_model_not_found_and_unknown_fields_are_ignored(http):
+    c = client(http)
+    for model in ("nope", "base:nope", "nope:lora"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model=model, messages=MSG, max_tokens=2)
+        assert e.value.code == "model_not_found" and e.value.param == "model"
+    ok = c.chat.completions.create(model="", messages=MSG, max_tokens=2, extra_body={"some_future_field": 1})
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_follow_register_and_unregister_over_both_protocols(http):
+    c = client(http)
+    base = c.models.list().data[0]
+    assert [m.id for m in c.models.list().data] == [base.id] and base.parent is None
+    http.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="a1", path="lora"))
+    url = base_url(http)
+    files = {"config_json": (http.app.cfg.adapter_root + "/prompt/adapter_config.json"),
+             "weights": (http.app.cfg.adapter_root + "/prompt/adapter_model.safetensors")}
+    body = {"id": "a2", "files": {"config_json": open(files["config_json"]).read(),
+                                  "safetensors_b64": base64.b64encode(open(files["weights"], "rb").read()).decode()}}
+    r = httpx.post(url + "/adapters", json=body)
+    assert r.status_code == 200 and r.json()["adapter_id"] == "a2" and r.json()["type"] == "PROMPT_TUNING", r.text
+    models = {m.id: m for m in c.models.list().data}
+    assert set(models) == {base.id, "a1", "a2"}
+    assert models["a1"].parent == base.id and models["a1"].owned_by == "adapterserve" and models["a1"].created > 0
+    assert {a["adapter_id"] for a in httpx.get(url + "/adapters").json()["data"]} == {"a1", "a2"}
+    assert httpx.get(url + "/adapters/a1").json()["type"] == "LORA"
+    assert httpx.delete(url + "/adapters/a1").json()["deleted"] is True
+    assert httpx.post(url + "/unload_lora_adapter", json={"lora_name": "a2"}).status_code == 200
+    assert [m.id for m in c.models.list().data] == [base.id]
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="a1", prompt="hi", max_tokens=2)
+    r = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "a2"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+    for path in ("../lora", "/etc", "missing"):  # the same containment rules as gRPC
+        r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_tokens_401_admin_403_and_health_metrics_stay_public(start_http):
+    srv = start_http(auth_token="user-tok", admin_token="admin-tok")
+    url = base_url(srv)
+    with pytest.raises(openai.AuthenticationError):
+        client(srv).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(srv, api_key="wrong").chat.completions.create(model="", messages=MSG, max_tokens=2)
+    assert client(srv, api_key="user-tok").chat.completions.create(model="", messages=MSG, max_tokens=2).choices
+    assert client(srv, api_key="admin-tok").models.list().data  # the admin token works wherever the plain one does
+    with pytest.raises(openai.PermissionDeniedError):
+        client(srv, api_key="user-tok").post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "lora"},
+                                             cast_to=object)
+    hdr = {"Authorization": "Bearer user-tok"}
+    assert httpx.delete(url + "/adapters/x", headers=hdr).status_code == 403
+    assert httpx.get(url + "/adapters", headers=hdr).status_code == 200
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": "lora"},
+                   headers={"Authorization": "Bearer admin-tok"})
+    assert r.status_code == 200, r.text
+    root = f"http://127.0.0.1:{srv.app.http_port}"
+    assert httpx.get(root + "/health").status_code == 200
+    assert "adapterserve_api_requests_total" in httpx.get(root + "/metrics").text
+
+
+def test_queue_full_is_429_and_body_over_the_limit_is_413(start_http):
+    srv = start_http(max_queue=1, max_batch_size=1, max_message_bytes=4096)
+
+    async def flood():
+        ac = async_client(srv)
+        calls = [ac.completions.create(model="", prompt="hi", max_tokens=60, extra_body={"ignore_eos": True})
+                 for _ in range(6)]
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        await ac.close()
+        return out
+
+    results = asyncio.run(flood())
+    limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert limited and all(not isinstance(r, Exception) or isinstance(r, openai.RateLimitError) for r in results)
+    assert "queue" in limited[0].message
+    with pytest.raises(openai.APIStatusError) as e:
+        client(srv).completions.create(model="", prompt="x" * 5000, max_tokens=2)
+    assert e.value.status_code == 413 and "max-message-bytes" in e.value.message
+
+
+def test_client_disconnect_mid_stream_cancels_and_frees_kv(http):
+    app = http.app
+    body = json.dumps({"model": "", "prompt": "the quick brown fox", "max_tokens": 200, "stream": True,
+                       "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", app.http_port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 3:  # a few tokens streamed: the request is running
+        got += sock.recv(4096)
+        assert b"200 OK" in got, got
+    assert app.engine.allocator.usage() > 0
+    steps = app.engine.steps
+    sock.close()
+    wait_until(lambda: not app.engine.running and app.engine.allocator.usage() == 0)
+    assert app.engine.steps - steps <= 3, "KV must be freed within a step of noticing the disconnect"
+    get = app.metrics.registry.get_sample_value
+    wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == 1)
+
+
+def test_health_is_503_and_new_requests_503_while_draining(http):
+    app = http.app
+    root = f"http://127.0.0.1:{app.http_port}"
+    app._serving = False  # what shutdown does first (gRPC health NOT_SERVING at the same moment)
+    try:
+        assert httpx.get(root + "/health").status_code == 503
+        with pytest.raises(openai.InternalServerError) as e:
+            client(http).completions.create(model="", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503
+    finally:
+        app._serving = True
