@@ -32,9 +32,14 @@ def start_http(start_server, tiny_llama, http_adapter_root):
     """start_http(**config) -> tests.serving.Running with HTTP on a free port (.app.http_port)."""
 
     def start(**overrides):
-        cfg = {"adapter_root": str(http_adapter_root), "kv_cache_tokens": 4096, "max_batch_size": 16,
-               "http_port": free_port(), **overrides}
-        return start_server(tiny_llama, **cfg)
+        for attempt in range(3):  # a free port can be taken by another process before we bind it
+            cfg = {"adapter_root": str(http_adapter_root), "kv_cache_tokens": 4096, "max_batch_size": 16,
+                   "http_port": free_port(), **overrides}
+            try:
+                return start_server(tiny_llama, **cfg)
+            except RuntimeError as e:
+                if "cannot listen" not in str(e) or attempt == 2:
+                    raise
 
     return start
 
