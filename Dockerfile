@@ -6,6 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     ADAPTERSERVE_HOST=0.0.0.0 \
     ADAPTERSERVE_METRICS_HOST=0.0.0.0 \
+    ADAPTERSERVE_HTTP_HOST=0.0.0.0 \
     ADAPTERSERVE_CACHE_DIR=/var/cache/adapterserve \
     ADAPTERSERVE_ADAPTER_ROOT=/adapters
 
@@ -29,7 +30,7 @@ USER 10001
 # Convert the embedded default model once at build time so containers start in seconds.
 RUN python -m server.model.default_model
 
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["adapterserve", "health", "--target", "127.0.0.1:50051"]
 ENTRYPOINT ["python", "-m", "server"]
 CMD ["--model", "default"]

@@ -7,6 +7,7 @@ import socket
 import openai
 import pytest
 
+from tests.clients.conftest import certs  # noqa: F401  (the openssl-made certificates, for the TLS test)
 from tests.peft_reference import make_peft_adapter
 
 KINDS = ["lora", "prompt", "ptuning", "prefix"]

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import socket
+import threading
 import time
 
 import httpx2 as httpx
@@ -166,14 +167,40 @@ def test_client_disconnect_mid_stream_cancels_and_frees_kv(http):
     wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == 1)
 
 
-def test_health_is_503_and_new_requests_503_while_draining(http):
-    app = http.app
+def test_drain_answers_503_while_in_flight_streams_finish(start_http):
+    srv = start_http()
+    app = srv.app
     root = f"http://127.0.0.1:{app.http_port}"
-    app._serving = False  # what shutdown does first (gRPC health NOT_SERVING at the same moment)
-    try:
-        assert httpx.get(root + "/health").status_code == 503
-        with pytest.raises(openai.InternalServerError) as e:
-            client(http).completions.create(model="", prompt="hi", max_tokens=2)
-        assert e.value.status_code == 503
-    finally:
-        app._serving = True
+    assert httpx.get(root + "/health").text == "SERVING"
+    stream = iter(client(srv).completions.create(model="", prompt="hi", max_tokens=60, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    next(stream)
+    resume = threading.Event()
+    app.engine.commands.call(lambda: resume.wait(60))  # the engine pauses: the stream stays in flight
+    done = asyncio.run_coroutine_threadsafe(app.shutdown(grace=60), app._loop)  # what SIGTERM does
+    wait_until(lambda: not app.serving())
+    assert httpx.get(root + "/health").status_code == 503
+    with pytest.raises(openai.InternalServerError) as e:
+        client(srv).completions.create(model="", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503 and "draining" in e.value.message
+    resume.set()
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length" and len(rest) == 60  # 59 tokens left + the finish
+    done.result(60)
+
+
+def test_same_tls_options_as_grpc_mutual_tls(start_http, certs):
+    import ssl
+
+    srv = start_http(tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca))
+    url = f"https://127.0.0.1:{srv.app.http_port}/v1"
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30, http_client=httpx.Client(verify=ctx))
+    assert c.completions.create(model="", prompt="hi", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+    no_cert = ssl.create_default_context(cafile=str(certs.ca))
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30,
+                      http_client=httpx.Client(verify=no_cert)).models.list()
+    with pytest.raises(openai.APIConnectionError):  # plaintext to a TLS port
+        openai.OpenAI(base_url=url.replace("https", "http"), api_key="x", max_retries=0, timeout=30).models.list()

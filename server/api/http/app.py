@@ -53,25 +53,33 @@ class HttpContext:
     created: int = 0
 
 
-class _BodyLimit:
-    """413 with an OpenAI body for a declared Content-Length over the limit (FastAPI's
-    max_body_size still guards chunked bodies)."""
+class HttpApp:
+    """The ASGI entry: counts requests in flight (the drain waits for them) and answers 413 with an
+    OpenAI body for a declared Content-Length over the limit (FastAPI's max_body_size still guards
+    chunked bodies)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app: FastAPI, limit: int):
         self.app, self.limit = app, limit
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    err = OpenAIError(413, f"request body: {int(value)} bytes exceed the limit of {self.limit} "
-                                           "(--max-message-bytes)")
-                    await err.response()(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                err = OpenAIError(413, f"request body: {int(value)} bytes exceed the limit of {self.limit} "
+                                       "(--max-message-bytes)")
+                await err.response()(scope, receive, send)
+                return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)  # returns once the response (a whole stream) is sent
+        finally:
+            self.in_flight -= 1
 
 
-def build_app(ctx: HttpContext) -> FastAPI:
+def build_app(ctx: HttpContext) -> HttpApp:
     """The FastAPI application serving ``ctx``."""
     app = FastAPI(title="adapterserve", docs_url=None, redoc_url=None, max_body_size=ctx.max_body_bytes)
     app.state.ctx = ctx
@@ -118,7 +126,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         return await _complete(ctx, request, convert.completion_requests(body, adapter, rid), body.n, body, model,
                                rid, chat=False)
 
-    return _BodyLimit(app, ctx.max_body_bytes)
+    return HttpApp(app, ctx.max_body_bytes)
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -12,9 +12,11 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 
 import uvicorn
 
+from server.api.http.app import HttpApp
 from server.config import ServerConfig
 
 log = logging.getLogger("adapterserve.http")
@@ -23,8 +25,9 @@ log = logging.getLogger("adapterserve.http")
 class HttpServer:
     """uvicorn serving ``app`` on ``host:port`` with the gRPC server's TLS options."""
 
-    def __init__(self, app, cfg: ServerConfig):
+    def __init__(self, app: HttpApp, cfg: ServerConfig):
         self.cfg = cfg
+        self.app = app
         ssl_kw = {}
         if cfg.tls_cert:
             ssl_kw = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key}
@@ -55,10 +58,14 @@ class HttpServer:
         return self.port
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting, let open responses finish within ``grace`` seconds, close."""
+        """Drain, then close: while requests are in flight (at most ``grace`` seconds) keep accepting, so
+        /health answers 503 and new completions 503 (the app reads the draining health state); then stop."""
         if self._main is None:
             return
-        self.config.timeout_graceful_shutdown = grace
+        end = time.monotonic() + grace
+        while self.app.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        self.config.timeout_graceful_shutdown = max(0.1, end - time.monotonic())
         self.server.should_exit = True
         await self._main
         await self.server.shutdown(sockets=[self._sock] if self._sock else None)

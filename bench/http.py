@@ -1,0 +1,131 @@
+"""HTTP (OpenAI API, `openai` async client) vs gRPC: the same load on the same server in the same run.
+
+    python -m bench.http --requests 32 --max-new-tokens 64 --adapters 8 --repeats 5
+
+32 concurrent streams x 64 tokens over 8 rank-16 LoRA adapters (every linear layer): each round
+runs the gRPC load and the HTTP load back to back (the order alternates between rounds), so the
+host's drift hits both alike. Reports medians of tok/s and TTFT p50 and the HTTP / gRPC ratios
+(targets: throughput >= 0.95x, TTFT p50 within 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.adapters import build_adapters, register
+from bench.load import LoadResult, markdown_table, run_load
+from bench.server_process import ServerProcess, free_port
+from bench.serving import chat_prompts
+
+
+async def run_openai_load(base_url: str, prompts: list[str], adapters: list[str], max_new: int,
+                          concurrency: int) -> LoadResult:
+    """The gRPC load of bench.load.run_load, through the official openai async client (streaming completions)."""
+    import openai
+
+    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, prompt: str) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first, n = None, 0
+            try:
+                stream = await client.completions.create(
+                    model=adapters[i % len(adapters)], prompt=prompt, max_tokens=max_new, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                async for chunk in stream:
+                    if chunk.choices and first is None:
+                        first = time.perf_counter()
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+            except openai.APIError:
+                out["errors"] += 1
+                return
+            end = time.perf_counter()
+            out["tokens"] += n
+            if first is not None:
+                out["ttft"].append(first - t0)
+                if n > 1:
+                    out["tpot"].append((end - first) / (n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return LoadResult(len(prompts), out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (medians reported)")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from server.model.loader import resolve_model_folder
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    _, folder = resolve_model_folder(args.model)
+    prompts = chat_prompts(AutoTokenizer.from_pretrained(folder), args.requests)
+    root = Path(tempfile.mkdtemp(prefix="adapterserve-bench-http-"))
+    names = build_adapters(folder, root, args.adapters, 0, 0, args.rank)
+    http_port = free_port()
+    server = ServerProcess("--model", args.model, "--adapter-root", str(root), "--max-batch-size",
+                           str(args.requests), "--max-resident-adapters", str(args.adapters + 4),
+                           "--http-port", str(http_port), "--log-level", "WARNING", threads=threads)
+    base_url = f"http://127.0.0.1:{http_port}/v1"
+    runs: dict[str, list[LoadResult]] = {"grpc": [], "http": []}
+
+    def grpc_load() -> LoadResult:
+        return asyncio.run(run_load(server.target, prompts, names, args.max_new_tokens, len(prompts)))
+
+    def http_load() -> LoadResult:
+        return asyncio.run(run_openai_load(base_url, prompts, names, args.max_new_tokens, len(prompts)))
+
+    try:
+        for n in names:
+            register(server.target, n, n)
+        asyncio.run(run_load(server.target, prompts, names, 4, len(prompts)))  # warm-up, every adapter
+        asyncio.run(run_openai_load(base_url, prompts, names, 4, len(prompts)))
+        for r in range(args.repeats):
+            order = [("grpc", grpc_load), ("http", http_load)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                result = fn()
+                assert result.errors == 0, (name, result.errors)
+                runs[name].append(result)
+    finally:
+        server.stop()
+
+    med = {name: {"tok/s": statistics.median(r.tokens_per_s for r in rs),
+                  "ttft p50 ms": statistics.median(r.pct(r.ttft_s, 0.5) for r in rs) * 1000,
+                  "tpot p50 ms": statistics.median(r.pct(r.tpot_s, 0.5) for r in rs) * 1000}
+           for name, rs in runs.items()}
+    rows = [{"api": name, **{k: round(v, 1) for k, v in m.items()}} for name, m in med.items()]
+    print(f"\n{args.requests} concurrent streams x {args.max_new_tokens} tokens over {args.adapters} rank-{args.rank} "
+          f"LoRA adapters, model={args.model}, torch threads={threads}, medians of {args.repeats} rounds\n")
+    print(markdown_table(rows))
+    tput = med["http"]["tok/s"] / med["grpc"]["tok/s"]
+    ttft = med["http"]["ttft p50 ms"] / med["grpc"]["ttft p50 ms"]
+    print(f"\nHTTP / gRPC: throughput {tput:.3f}x (target >= 0.95), TTFT p50 {ttft:.3f}x (target <= 1.10)")
+    print(json.dumps({"throughput_ratio": round(tput, 3), "ttft_p50_ratio": round(ttft, 3),
+                      "per_round_tok_s": {k: [round(r.tokens_per_s, 1) for r in v] for k, v in runs.items()}}))
+
+
+if __name__ == "__main__":
+    main()
