@@ -30,9 +30,14 @@ CONFIG_CLASSES = ("SeqBnConfig", "DoubleSeqBnConfig", "BnConfig", "ParBnConfig",
 
 def _model(base_dir: str):
     import adapters
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(base_dir)
+    with open(os.path.join(base_dir, "config.json")) as f:  # transformers 5 writes rope_theta inside
+        rope = json.load(f).get("rope_parameters") or {}  # rope_parameters, which 4.57 does not read
+    if "rope_theta" in rope:
+        config.rope_theta = rope["rope_theta"]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32)
     adapters.init(model)
     return model
 

@@ -112,7 +112,9 @@ def check_config(config: dict, model: ModelArgs) -> dict:
     inner = config["config"]
     arch = inner.get("architecture")
     if arch == "union":
-        kinds = [c.get("architecture") or "bottleneck" for c in inner.get("configs", []) if isinstance(c, dict)]
+        configs = inner.get("configs")
+        kinds = [c.get("architecture") or "bottleneck" for c in (configs if isinstance(configs, list) else [])
+                 if isinstance(c, dict)]
         raise AdapterFormatError(f"unsupported AdapterHub config.architecture union (a ConfigUnion of "
                                  f"{', '.join(shown(k) for k in kinds[:4])}); only single bottleneck adapters")
     if arch not in (None, "bottleneck"):
@@ -124,7 +126,7 @@ def check_config(config: dict, model: ModelArgs) -> dict:
     for key in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after"):
         if not isinstance(inner.get(key), bool):
             raise AdapterFormatError(f"adapter_config.json: config.{key} must be true or false")
-    if inner["residual_before_ln"] is not True:
+    if inner.get("residual_before_ln", True) is not True:
         raise AdapterFormatError(f"unsupported AdapterHub feature config.residual_before_ln="
                                  f"{shown(inner['residual_before_ln'])}; only true (the adapter's residual is "
                                  "the sub-layer output)")
