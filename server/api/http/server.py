@@ -33,7 +33,7 @@ class HttpServer:
             ssl_kw = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key}
             if cfg.tls_client_ca:
                 ssl_kw.update(ssl_ca_certs=cfg.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http="auto",
+        self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http="auto",  # httptools when installed
                                      timeout_graceful_shutdown=cfg.grace_seconds, **ssl_kw)
         self.server = uvicorn.Server(self.config)  # serve() is not used: it would take over SIGTERM
         self.port: int | None = None
