@@ -36,6 +36,7 @@ from server.api.security import token_denial
 from server.engine.request import FinishEvent, TokenEvent
 
 log = logging.getLogger("adapterserve.http")
+GENERATIONS = "adapterserve.generations"  # ASGI scope key: the engine requests this HTTP request started
 
 
 @dataclass
@@ -77,6 +78,8 @@ class HttpApp:
             await self.app(scope, receive, send)  # returns once the response (a whole stream) is sent
         finally:
             self.in_flight -= 1
+            for g in scope.get(GENERATIONS, ()):  # a stream that never started (client gone): stop its requests
+                g.cancel()  # a no-op for finished ones
 
 
 def build_app(ctx: HttpContext) -> HttpApp:
@@ -216,6 +219,7 @@ async def _merged_events(gens: list[Generation], request: Request) -> AsyncItera
 async def _complete(ctx: HttpContext, request: Request, requests: list[pb.GenerateRequest], n: int, body,
                     model: str, rid: str, *, chat: bool) -> Response:
     gens = await _start_all(ctx, requests)
+    request.scope[GENERATIONS] = gens
     shape = _Shape(ctx, model, rid, chat, len(requests), n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
