@@ -74,12 +74,14 @@ class ServerApp:
         self.engine = Engine(
             self.model.runtime, self.model.tokenizer, self.residency, self.adapters, commands,
             kv_cache_tokens=cfg.kv_cache_tokens, page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size,
-            max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics)
+            max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics,
+            watchdog_seconds=cfg.watchdog_seconds)
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self._http: HttpServer | None = None
+        self.core: GenerationCore | None = None
         self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -125,8 +127,11 @@ class ServerApp:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         self.port = add_listen_port(server, f"{cfg.host}:{cfg.port}", cfg)
+        loop = asyncio.get_running_loop()
+        self.engine.on_failure.append(lambda reason: asyncio.run_coroutine_threadsafe(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), loop))
         self.engine.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._preload, adapter_servicer)
+        await loop.run_in_executor(None, self._preload, adapter_servicer)
         await server.start()
         if cfg.http_port:
             self._http = HttpServer(build_app(HttpContext(
@@ -136,9 +141,8 @@ class ServerApp:
             self.http_port = await self._http.start()
         if cfg.metrics_port:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._serving = True
+        if self.engine.failed is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         self._stopped = asyncio.Event()
         log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%s)", self.model.name, cfg.host, self.port,
@@ -146,15 +150,46 @@ class ServerApp:
         self._ready.set()
         await self._stopped.wait()
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`, stop the engine."""
+    async def _set_health(self, status: int) -> None:
+        """The health both APIs report (gRPC health service and HTTP /health)."""
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
+        if self._health is not None:
+            for name in ("", *SERVICE_NAMES):
+                await self._health.set(name, status)
+
+    async def shutdown(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Stop in three phases (what SIGTERM runs, with --drain-seconds and --grace-seconds):
+
+        1. health NOT_SERVING at once, new gRPC requests still accepted for `drain` seconds, so load
+           balancers see the status and route elsewhere;
+        2. new requests answered UNAVAILABLE; in-flight ones may finish for `grace` seconds;
+        3. those still running are answered UNAVAILABLE (and logged so), then the servers stop.
+        """
         grace = self.cfg.grace_seconds if grace is None else grace
-        self._serving = False
+        drain = self.cfg.drain_seconds if drain is None else drain
+        loop = asyncio.get_running_loop()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if drain > 0:
+            log.info("NOT_SERVING; still accepting new requests for %.1f s (--drain-seconds)", drain)
+            await asyncio.sleep(drain)
+        self.engine.close("server is shutting down")
+        end = loop.time() + grace
+        while self.engine.num_active() and loop.time() < end:
+            await asyncio.sleep(0.02)
+        if self.engine.num_active():
+            try:
+                cut = await asyncio.wait_for(asyncio.wrap_future(self.engine.fail_all(
+                    "UNAVAILABLE", f"server shutting down: not finished within --grace-seconds {grace:g}")), 5)
+                log.warning("%d request(s) cut at the end of --grace-seconds (UNAVAILABLE)", cut)
+            except Exception as e:  # the engine thread is gone or stuck: the servers' stop below cancels them
+                log.error("could not cut the remaining requests: %s", e or type(e).__name__)
+        if self.core is not None:  # let every handler send its status and write its log line
+            await self.core.wait_idle(5.0)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        stops = [self._server.stop(grace)] if self._server is not None else []
+        stops = [self._server.stop(1.0)] if self._server is not None else []
         if self._http is not None:
-            stops.append(self._http.stop(grace))
+            stops.append(self._http.stop(1.0))
         await asyncio.gather(*stops)
         self.engine.stop()
         self.metrics.stop_http()
@@ -185,10 +220,11 @@ class ServerApp:
             raise self._error
         return self
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        """Shut down from another thread (tests, benchmarks): no drain period by default."""
         if self._loop is None or self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.shutdown(grace), self._loop).result(grace + 60)
+        asyncio.run_coroutine_threadsafe(self.shutdown(grace, drain), self._loop).result(drain + grace + 60)
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -212,7 +248,8 @@ def serve(cfg: ServerConfig) -> int:
         if serving in done:
             serving.result()  # startup failed: raise
             return
-        log.info("signal received: NOT_SERVING, draining in-flight requests (grace %.0fs)", cfg.grace_seconds)
+        log.info("signal received: NOT_SERVING; drain %.1f s, then in-flight requests get %.1f s (grace)",
+                 cfg.drain_seconds, cfg.grace_seconds)
         await app.shutdown()
         await serving
         log.info("stopped")

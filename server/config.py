@@ -54,7 +54,10 @@ class ServerConfig:
     metrics_host: str = _opt("127.0.0.1", "Prometheus /metrics listen address.", "network")
     max_message_bytes: int = _opt(64 * 1024 * 1024, "Largest gRPC message or HTTP body accepted (adapter uploads).",
                                   "network")
-    grace_seconds: float = _opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.", "network")
+    drain_seconds: float = _opt(3.0, "On SIGTERM, how long health reports NOT_SERVING while new requests are still "
+                                "accepted (so load balancers stop routing here) before they get UNAVAILABLE.", "network")
+    grace_seconds: float = _opt(30.0, "On SIGTERM, how long in-flight requests may take to finish after --drain-seconds; "
+                                "those still running then are answered UNAVAILABLE.", "network")
     # -- engine
     kv_cache_tokens: int = _opt(32768, "KV cache budget in tokens, shared by all running sequences.", "engine")
     kv_page_tokens: int = _opt(16, "Tokens per KV cache page.", "engine")
@@ -63,6 +66,9 @@ class ServerConfig:
     max_context: int = _opt(0, "Longest prompt + completion in tokens (0 = the model's own limit).", "engine")
     default_max_new_tokens: int = _opt(256, "max_new_tokens when a request leaves it unset.", "engine")
     max_prefill_tokens: int = _opt(4096, "Most prompt tokens prefilled in one step.", "engine")
+    watchdog_seconds: float = _opt(60.0, "An engine step running longer than this marks the engine failed: health "
+                                   "NOT_SERVING, waiting and new requests UNAVAILABLE (0 = no limit; a dead engine "
+                                   "thread is always detected).", "engine")
     # -- adapters
     adapter_root: str = _opt(".", "Folder that RegisterAdapter paths are resolved under.", "adapters")
     preload: list[str] = _opt([], "ID=PATH adapter to register at start (repeatable).", "adapters", action="append")
@@ -96,8 +102,9 @@ class ServerConfig:
         for name in ["port", "metrics_port", "http_port"]:
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"--{_flag(name)} must be in 0..65535, got {getattr(self, name)}")
-        if self.max_context < 0 or self.threads < 0 or self.lora_threads < 0 or self.grace_seconds < 0:
-            raise ConfigError("--max-context, --threads, --lora-threads and --grace-seconds must be >= 0")
+        for name in ["max_context", "threads", "lora_threads", "grace_seconds", "drain_seconds", "watchdog_seconds"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -15,6 +15,7 @@ over by an :class:`EventPump`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ APIS = ("grpc", "http")
 # close to our deadline is the deadline, not a user cancel.
 DEADLINE_SLACK_S = 0.1
 
+
+log = logging.getLogger("adapterserve.api")
 
 class GenerationError(Exception):
     """A request failed; ``code`` is its canonical status, ``message`` names the field when it is bad input."""
@@ -106,6 +109,7 @@ class Generation:
         self._queue = queue
         self._stop_at = stop_at
         self._closed = False
+        core.active += 1
 
     @property
     def request_id(self) -> str:
@@ -159,6 +163,7 @@ class Generation:
                 o.status = "CANCELLED"
             self.request.cancel(o.status if o.status in ("CANCELLED", "DEADLINE_EXCEEDED") else "CANCELLED")
         self.core.record(o)
+        self.core.finished_one()
 
     def _cancel_status(self) -> str:
         """DEADLINE_EXCEEDED when the call's deadline has (about) passed, else CANCELLED.
@@ -180,6 +185,22 @@ class GenerationCore:
         self.limits = limits
         self.metrics = metrics
         self._event_pump: EventPump | None = None
+        self.active = 0  # started generations not yet recorded
+        self._idle: asyncio.Event | None = None
+
+    def finished_one(self) -> None:
+        self.active -= 1
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Return once every started generation has sent its status and logged it, or after `timeout` (shutdown)."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d request(s) still being handled at shutdown", self.active)
 
     def _pump(self) -> EventPump:
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from server.adapters.entry import (
     AdapterPreconditionError,
 )
 from server.adapters.formats import AdapterFormatError, AdapterPathError
+from server.engine.engine import EngineUnavailableError
 from server.engine.scheduler import QueueFullError
 
 
@@ -27,6 +28,7 @@ _MAPPING: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AdapterPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

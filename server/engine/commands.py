@@ -20,12 +20,18 @@ class CommandQueue:
     def __init__(self) -> None:
         self.wakeup = threading.Event()  # set when there is work for the engine thread (commands or requests)
         self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed: BaseException | None = None  # set once the engine thread is gone
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the engine thread between steps; its result or exception comes back in the future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._closed is not None:  # nobody would ever run it
+            fut.set_exception(self._closed)
+            return fut
         self._items.put((fn, fut))
         self.wakeup.set()
+        if self._closed is not None:  # closed meanwhile: answer what is left
+            self.fail_pending(self._closed)
         return fut
 
     def run_pending(self) -> None:
@@ -43,7 +49,8 @@ class CommandQueue:
                 fut.set_exception(e)
 
     def fail_pending(self, exc: BaseException) -> None:
-        """Answer every queued function with `exc` (the engine thread is gone)."""
+        """Answer every queued function, and every later one, with `exc` (the engine thread is gone)."""
+        self._closed = exc
         while True:
             try:
                 _, fut = self._items.get_nowait()

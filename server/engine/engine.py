@@ -49,12 +49,17 @@ T = TypeVar("T")
 log = logging.getLogger("adapterserve.engine")
 
 
+class EngineUnavailableError(Exception):
+    """UNAVAILABLE: the engine takes no new requests (shutting down, or failed: see the message)."""
+
+
 class Engine:
     """Owns the KV cache and the running batch; all model work happens on its thread."""
 
     def __init__(self, runtime: ModelRuntime, tokenizer: Tokenizer, adapters: AdapterResidency,
                  releaser: AdapterReleaser, commands: CommandQueue, *, kv_cache_tokens: int, page_size: int,
-                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics: ServerMetrics | None = None):
+                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics: ServerMetrics | None = None,
+                 watchdog_seconds: float = 0.0):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.adapters = adapters  # residency: engine thread only
@@ -71,6 +76,11 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.watchdog_seconds = watchdog_seconds  # 0 = no limit on one iteration
+        self._iteration_started: float | None = None  # monotonic start of the running iteration, None when idle
+        self._closed: str | None = None  # why new requests are refused (shutdown)
+        self.failed: str | None = None  # why the engine stopped serving (thread died, step hung)
+        self.on_failure: list[Callable[[str], None]] = []  # called once, from the failing thread
 
     # ------------------------------------------------------------------ public, any thread
     @property
@@ -80,6 +90,7 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="adapterserve-engine", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="adapterserve-watchdog", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -87,9 +98,31 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def close(self, reason: str) -> None:
+        """Refuse new requests with UNAVAILABLE from now on; queued and running ones go on."""
+        self._closed = reason
+
     def submit(self, request: Request) -> None:
-        """Queue a validated request; raises QueueFullError when --max-queue is reached."""
+        """Queue a validated request; raises QueueFullError when --max-queue is reached and
+        EngineUnavailableError once the engine is closed or failed."""
+        if self.failed is not None:
+            raise EngineUnavailableError(f"engine failed: {self.failed}")
+        if self._closed is not None:
+            raise EngineUnavailableError(self._closed)
         self.waiting.put(request)
+        if self.failed is not None:  # failed meanwhile: don't leave it parked
+            self._fail_parked()
+
+    def fail_all(self, code: str, message: str) -> concurrent.futures.Future[int]:
+        """Answer every waiting and running request with `code` (on the engine thread); the future gives how many."""
+        def cut() -> int:
+            batch = self.running + self.waiting.snapshot()
+            self.waiting.remove(batch)
+            for r in batch:
+                self._fail(r, code, message)
+            return len(batch)
+
+        return self.call(cut)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the engine thread between steps (adapter installs, merges, frees)."""
@@ -98,20 +131,73 @@ class Engine:
     def num_active(self) -> int:
         return len(self.running) + len(self.waiting)
 
+    # ------------------------------------------------------------------ failure (engine or watchdog thread)
+    def _watch(self) -> None:
+        """Watchdog thread: mark the engine failed when its thread died or one iteration hangs."""
+        limit = self.watchdog_seconds
+        while not self._stop.wait(min(0.5, limit / 4) if limit > 0 else 0.5):
+            if self._thread is not None and not self._thread.is_alive():
+                self._set_failed("the engine thread died")
+                return
+            started = self._iteration_started
+            if limit > 0 and started is not None and time.monotonic() - started > limit:
+                self._set_failed(f"an engine step has run for more than --watchdog-seconds {limit:g}")
+                self._fail_parked()
+                return
+
+    def _set_failed(self, reason: str) -> None:
+        if self.failed is not None:
+            return
+        self.failed = reason
+        log.error("engine failed: %s; refusing requests (UNAVAILABLE)", reason)
+        for callback in self.on_failure:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("engine failure callback failed")
+
+    def _fail_parked(self) -> None:
+        """Watchdog thread, the engine thread being stuck: answer every request now instead of leaving it parked.
+
+        Waiting requests are taken off the queue and finished here (they hold no pages); running ones
+        are only told (their pages and adapters are released by the engine thread if it ever returns).
+        """
+        message = f"engine failed: {self.failed}"
+        waiting = self.waiting.snapshot()
+        self.waiting.remove(waiting)
+        for r in waiting:
+            if not r.finished:
+                r.finished = True
+                if r.adapter is not None:
+                    self.releaser.release(r.adapter)
+                r.emit(ErrorEvent("UNAVAILABLE", message))
+        for r in list(self.running):
+            r.emit(ErrorEvent("UNAVAILABLE", message))
+
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            try:
-                admitted = self._iteration()
-            except Exception:  # a bug here must not stop the engine thread (and hang every client)
-                log.exception("engine iteration failed")
-                admitted = []
-            if not self.running and not admitted:
-                self.waiting.wakeup.wait(0.05)
-                self.waiting.wakeup.clear()
-        for r in self.running + self.waiting.snapshot():
-            self._fail(r, "UNAVAILABLE", "server is shutting down")
+        try:
+            while not self._stop.is_set() and self.failed is None:
+                self._iteration_started = time.monotonic()
+                try:
+                    admitted = self._iteration()
+                except Exception:  # a bug here must not stop the engine thread (and hang every client)
+                    log.exception("engine iteration failed")
+                    admitted = []
+                self._iteration_started = None
+                if not self.running and not admitted:
+                    self.waiting.wakeup.wait(0.05)
+                    self.waiting.wakeup.clear()
+        except BaseException as e:
+            log.exception("engine thread died")
+            self._set_failed(f"the engine thread died: {type(e).__name__}: {e}")
+            raise
+        finally:
+            message = "server is shutting down" if self.failed is None else f"engine failed: {self.failed}"
+            for r in self.running + self.waiting.snapshot():
+                self._fail(r, "UNAVAILABLE", message)
+            self.commands.fail_pending(EngineUnavailableError(message))
 
     def _iteration(self) -> list[Request]:
         """One scheduling round: commands, cancellations, admission, prefill, one decode step."""
@@ -264,6 +350,19 @@ class Engine:
             self.metrics.observe_step("decode", len(batch), time.perf_counter() - t0)
 
     def _sample_and_emit(self, batch: list[Request], logits: torch.Tensor) -> None:
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]
+        if not bool(finite.all()):  # such a row fails alone; the others are sampled as usual
+            keep = finite.tolist()
+            for r, ok in zip(batch, keep, strict=True):
+                if not ok:
+                    log.warning("request %s: non-finite logits (adapter %s)", r.request_id,
+                                None if r.adapter is None else r.adapter.adapter_id)
+                    self._fail(r, "INTERNAL", "the model's output (logits) for this request turned non-finite "
+                               "(NaN or inf): its adapter holds weights that overflow; other requests are unaffected")
+            batch = [r for r, ok in zip(batch, keep, strict=True) if ok]
+            logits = logits[finite]
+            if not batch:
+                return
         tokens, infos = sample(logits, batch)
         now = time.perf_counter()
         for r, tok, info in zip(batch, tokens, infos, strict=True):

@@ -48,7 +48,11 @@ class PagedKVCache:
     def __init__(self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: str):
         self.page_size = page_size
         self.num_pages = num_pages
-        shape = (num_pages * page_size, args.num_kv_heads, args.head_dim)
+        # One row past the last page, never handed out and never written: every read of a position a row
+        # does not own (padding, entries not yet written) is pointed here, so whatever an earlier request
+        # left in a page (even NaN or inf) can never reach another request's attention.
+        self.null_slot = num_pages * page_size
+        shape = (num_pages * page_size + 1, args.num_kv_heads, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
 
@@ -192,7 +196,11 @@ class LlamaRuntime:
         kv_len = step.start + step.lengths  # [B]
         t_max = int(kv_len.max())
         k_index = torch.arange(t_max, device=x.device)  # [T]
-        read_flat = cache.slots(step.block_tables, k_index.expand(bsz, t_max)).reshape(-1)  # [B*T]
+        k_pos = k_index.expand(bsz, t_max)  # [B, T]
+        owned = k_pos < kv_len[:, None]  # [B, T]: entries this row has written (prefix, prompt, output)
+        # Selected, not multiplied by zero: positions a row does not own read the zero null slot, so the
+        # masked scores are exactly -inf and their values exactly 0 (0 * NaN would be NaN).
+        read_flat = torch.where(owned, cache.slots(step.block_tables, k_pos), cache.null_slot).reshape(-1)  # [B*T]
         mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
         mask = mask[:, None]  # [B, 1, S, T]
         lora = step.lora
