@@ -212,16 +212,16 @@ class GenerationCore:
                     timeout_s: float | None = None) -> Generation:
         """Validate and submit ``request``; raises GenerationError (already recorded) when it cannot start."""
         outcome = Outcome(request.request_id or uuid.uuid4().hex, request.adapter_id, api)
+        queue: asyncio.Queue = asyncio.Queue()
+        pump = self._pump()
         try:
             req = self._build(request, outcome)
+            req.emit = lambda ev: pump.post(queue, ev)  # before submission: the engine may emit at once
             self._submit(req)
         except GenerationError as e:
             outcome.status, outcome.error = e.code.name, e.message
             self.record(outcome)
             raise
-        queue: asyncio.Queue = asyncio.Queue()
-        pump = self._pump()
-        req.emit = lambda ev: pump.post(queue, ev)
         outcome.request = req
         stop_at = None if timeout_s is None else time.monotonic() + timeout_s
         return Generation(self, req, queue, outcome, stop_at)
@@ -242,7 +242,7 @@ class GenerationCore:
                 params = sampling(request, len(ids), prefix_len, self.limits)
             except ValueError as e:
                 raise GenerationError(status_for(e) or grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-            # emit is replaced in start() before submission; events before that cannot happen
+            # emit is replaced in start() before submission
             return Request(request_id=outcome.request_id, prompt_ids=ids, sampling=params,
                            emit=lambda ev: None, adapter=entry)
         except GenerationError:
