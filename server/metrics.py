@@ -13,7 +13,7 @@ listener: Prometheus text format 0.0.4 by default, OpenMetrics 1.0 when the scra
 
 Label values are bounded: ``adapter`` takes at most ``max_adapter_labels`` distinct ids (later
 ones become ``_other``; the base model is ``_base``), ``status`` is a gRPC code name, ``type`` is
-one of the four adapter types, ``phase`` is ``prefill`` or ``decode``, ``api`` is ``grpc`` or ``http``. An out-of-set value for a
+one of the adapter types (ADAPTER_TYPES), ``phase`` is ``prefill`` or ``decode``, ``api`` is ``grpc`` or ``http``. An out-of-set value for a
 fixed set raises ``ValueError`` -- that is a caller bug, surfaced in tests rather than turned
 into an unbounded label.
 """
@@ -31,7 +31,7 @@ PREFIX = "adapterserve_"
 BASE_LABEL = "_base"
 OTHER_LABEL = "_other"
 
-ADAPTER_TYPES = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning")
+ADAPTER_TYPES = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "dora", "ia3", "ln_tuning")
 PHASES = ("prefill", "decode")
 APIS = ("grpc", "http")
 GRPC_STATUS_NAMES = frozenset(

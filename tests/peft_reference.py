@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("lora", "prompt", "ptuning", "prefix")
+KINDS = ("lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -95,12 +95,16 @@ def scale_prefix_adapter(folder: str | Path, factor: float) -> Path:
 
 
 def peft_config(kind: str, **overrides):
-    """A PEFT config for `kind` ("lora", "prompt", "ptuning", "prefix") with small defaults."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    """A PEFT config for `kind` (one of KINDS) with small defaults (IA3 and LN tuning: PEFT's own defaults)."""
+    from peft import IA3Config, LNTuningConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    if kind == "lora":
-        args = dict(r=4, lora_alpha=8, target_modules=list(ALL_PROJECTIONS))
+    if kind in ("lora", "dora"):
+        args = dict(r=4, lora_alpha=8, target_modules=list(ALL_PROJECTIONS), use_dora=kind == "dora")
         return LoraConfig(task_type="CAUSAL_LM", **{**args, **overrides})
+    if kind == "ia3":
+        return IA3Config(task_type="CAUSAL_LM", **overrides)
+    if kind == "ln":
+        return LNTuningConfig(task_type="CAUSAL_LM", **overrides)
     if kind == "prompt":
         return PromptTuningConfig(task_type="CAUSAL_LM", **{"num_virtual_tokens": 4, **overrides})
     if kind == "ptuning":
@@ -116,7 +120,8 @@ def peft_config(kind: str, **overrides):
 def randomize_adapter(peft_model, kind: str, seed: int = 0) -> None:
     """Overwrite the trainable adapter weights with seeded random values that change the output.
 
-    LoRA: A, B ~ N(0, 0.15) (PEFT zero-inits B). Prompt / P-tuning embeddings ~ N(0, 1). Prefix K/V
+    LoRA: A, B ~ N(0, 0.15) (PEFT zero-inits B); DoRA's magnitude times (1 + N(0, 0.3)). IA3 vectors and
+    LN-tuning norm weights: 1 + N(0, 0.5). Prompt / P-tuning embeddings ~ N(0, 1). Prefix K/V
     ~ 4 * N(0, 1): raw keys and values must outweigh the real tokens' to move the tiny model's argmax.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +129,13 @@ def randomize_adapter(peft_model, kind: str, seed: int = 0) -> None:
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        if kind == "lora":
+        if kind == "dora" and "lora_magnitude_vector" in name:
+            p.mul_(1 + torch.randn(p.shape, generator=gen) * 0.3)
+            continue
+        if kind in ("ia3", "ln"):
+            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.5)
+            continue
+        if kind in ("lora", "dora"):
             std = 0.15
         elif kind == "prefix":
             std = 0.5 if projected else 4.0  # with prefix_projection an MLP makes the K/V from these

@@ -1,7 +1,8 @@
 """Read PEFT adapters (``save_pretrained`` folders) into plain float32 tensors the engine can serve.
 
-Accepted: ``adapter_config.json`` + ``adapter_model.safetensors`` for LORA, PROMPT_TUNING, P_TUNING and
-PREFIX_TUNING on the base model described by ``ModelArgs``. Pickle checkpoints are refused without being
+Accepted: ``adapter_config.json`` + ``adapter_model.safetensors`` for LORA (DoRA too), PROMPT_TUNING, P_TUNING,
+PREFIX_TUNING, IA3 and LN_TUNING on the base model described by ``ModelArgs`` (the newer kinds' formats live
+in server/adapters/kinds/). Pickle checkpoints are refused without being
 opened. Anything that would change the math beyond what the engine computes (DoRA, trained biases,
 ``modules_to_save``, LoRA on embeddings, ...) is refused with a message naming the feature.
 
@@ -42,6 +43,7 @@ from server.adapters.config_fields import (
 )
 from server.adapters.errors import AdapterFormatError, AdapterPathError
 from server.adapters.host_buffers import SPARE_BUFFERS
+from server.adapters.kinds import dora, ia3, ln_tuning
 from server.adapters.patterns import PatternTable, TargetModules, shown
 from server.adapters.safetensors_file import MAX_HEADER_BYTES, WEIGHTS_NAME, name_shown, read_header
 from server.model.config import LINEAR_MODULES, ModelArgs
@@ -66,7 +68,6 @@ _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d{1,6})\.(?:self_attn|mlp
 
 # LoraConfig fields whose truthy value changes the forward pass (or the base weights) -> refused.
 _LORA_UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "modules_to_save": "fully trained extra modules",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QA-LoRA input pooling",
@@ -91,6 +92,14 @@ class AdapterKind(str, Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    DORA = "DORA"  # peft_type LORA with use_dora
+    IA3 = "IA3"
+    LN_TUNING = "LN_TUNING"
+
+
+# Kinds whose rows go through the batched LoRA slots (mixable: LORA only).
+LORA_KINDS = (AdapterKind.LORA, AdapterKind.DORA)
+PROMPT_KINDS = (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING, AdapterKind.PREFIX_TUNING)
 
 
 @dataclass
@@ -131,7 +140,7 @@ class AdapterSpec:
     """A parsed, validated adapter: its weights plus the metadata the API reports."""
 
     kind: AdapterKind
-    weights: LoraWeights | PromptWeights | PrefixWeights
+    weights: LoraWeights | PromptWeights | PrefixWeights | dora.DoraWeights | ia3.Ia3Weights | ln_tuning.LnTuningWeights
     rank: int = 0  # largest LoRA rank; 0 for the prompt kinds
     num_virtual_tokens: int = 0  # 0 for LoRA
     target_modules: list[str] = field(default_factory=list)  # sorted, e.g. ["q_proj", "v_proj"]
@@ -235,19 +244,34 @@ def load_adapter_files(
     uint8 tensor already, as :func:`load_adapter_dir` reads them)."""
     config = _parse_config(config_json)
     kind = _adapter_kind(config)
-    if kind == AdapterKind.LORA:
+    if kind in LORA_KINDS:
         _check_lora_config(config)
+    elif kind == AdapterKind.IA3:
+        ia3.check_config(config)
+    elif kind == AdapterKind.LN_TUNING:
+        ln_tuning.check_config(config)
     else:
         _check_prompt_config(config)
     cap = max_adapter_file_bytes(model, limits)
     if len(safetensors_bytes) > cap:
         raise AdapterFormatError(f"{WEIGHTS_NAME} is larger than any adapter within the limits ({cap} bytes)")
     tensors = _read_tensors(safetensors_bytes)
-    if kind == AdapterKind.LORA:
+    if kind in LORA_KINDS:
+        magnitudes: dict[str, torch.Tensor] = {}
+        if kind == AdapterKind.DORA:
+            tensors, magnitudes = dora.split_magnitudes(tensors)
         weights = _lora_weights(tensors, config, model, limits)
+        if kind == AdapterKind.DORA:
+            weights = dora.parse(weights.modules, magnitudes, model)
         ranks = [m.a.shape[0] for m in weights.modules.values()]
         spec = AdapterSpec(kind, weights, rank=max(ranks),
                            target_modules=sorted({name for _, name in weights.modules}))
+    elif kind == AdapterKind.IA3:
+        weights = ia3.parse(tensors, config, model)
+        spec = AdapterSpec(kind, weights, target_modules=sorted({name for _, name in weights.vectors}))
+    elif kind == AdapterKind.LN_TUNING:
+        weights = ln_tuning.parse(tensors, config, model)
+        spec = AdapterSpec(kind, weights, target_modules=weights.target_modules)
     elif kind == AdapterKind.PREFIX_TUNING:
         weights = _prefix_weights(tensors, config, model, limits)
         spec = AdapterSpec(kind, weights, num_virtual_tokens=weights.keys.shape[2])
@@ -262,7 +286,9 @@ def load_adapter_files(
 
 def max_adapter_file_bytes(model: ModelArgs, limits: AdapterLimits) -> int:
     """Largest safetensors file a valid adapter within `limits` can be (float64 tensors + header)."""
-    per_layer = sum(limits.max_lora_rank * sum(model.linear_shape(m)) for m in LINEAR_MODULES)
+    # LoRA / DoRA: A and B at the largest rank, plus DoRA's magnitude vector [out] per module.
+    per_layer = sum(limits.max_lora_rank * sum(model.linear_shape(m)) + model.linear_shape(m)[0]
+                    for m in LINEAR_MODULES)
     lora = model.num_layers * per_layer
     prompt = limits.max_virtual_tokens * model.hidden_size
     prefix = limits.max_virtual_tokens * model.num_layers * 2 * model.num_kv_heads * model.head_dim
@@ -330,13 +356,16 @@ def _adapter_kind(config: dict) -> AdapterKind:
     peft_type = config.get("peft_type")
     if not peft_type:
         raise AdapterFormatError(f"{CONFIG_NAME} has no peft_type")
-    if peft_type not in AdapterKind.__members__:
+    if peft_type not in AdapterKind.__members__ or peft_type == AdapterKind.DORA.value:
         raise AdapterFormatError(
-            f"unsupported peft_type {peft_type[:40]}; supported: {', '.join(k.value for k in AdapterKind)}"
+            f"unsupported peft_type {peft_type[:40]}; supported: "
+            f"{', '.join(k.value for k in AdapterKind if k != AdapterKind.DORA)}"
         )
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise AdapterFormatError(f"unsupported task_type {task_type[:40]}; only CAUSAL_LM")
+    if peft_type == "LORA" and config.get("use_dora"):
+        return AdapterKind.DORA
     return AdapterKind(peft_type)
 
 
@@ -420,7 +449,9 @@ def _check_values(tensors: dict[str, torch.Tensor], f32_body: torch.Tensor | Non
                                  f"and at most {MAX_ABS_VALUE:g} in magnitude")
 
 
-def _weights_nbytes(weights: LoraWeights | PromptWeights | PrefixWeights) -> int:
+def _weights_nbytes(weights) -> int:
+    if hasattr(weights, "nbytes"):  # the kinds in server/adapters/kinds/
+        return weights.nbytes
     if isinstance(weights, LoraWeights):
         return sum(m.a.nbytes + m.b.nbytes for m in weights.modules.values())
     if isinstance(weights, PrefixWeights):
@@ -495,7 +526,7 @@ def _lora_key(key: str, model: ModelArgs) -> tuple[int, str, str]:
     if "lora_embedding_" in key:
         raise AdapterFormatError(f"unsupported LoRA target: embeddings ({short}); only {', '.join(LINEAR_MODULES)}")
     if "lora_magnitude_vector" in key:
-        raise AdapterFormatError(f"unsupported LoRA feature use_dora (tensor {short})")
+        raise AdapterFormatError(f"tensor {short} is a DoRA magnitude but use_dora is not set in the config")
     m = _LORA_KEY.fullmatch(key)
     if not m:
         raise AdapterFormatError(f"unexpected tensor {short} in a LoRA adapter")

@@ -293,6 +293,37 @@ class LoraBatch:
             out.addcmul_((x @ at_m) @ bt_m, self.merged.sign)  # rows of other adapters: -B_m A_m x
 
 
+class WeightedLoraBatch:
+    """Rows that sit in several LoRA slots or carry a weight (per-request mixes): row r gets
+    sum_i w_i * s_i * B_i A_i x_r over its (slot_i, w_i) entries, as PEFT's
+    ``add_weighted_adapter(..., combination_type="cat")`` computes it.
+
+    Each entry becomes a *virtual row* (a copy of its row's input); virtual rows are sorted by slot
+    and go through a LoraBatch (blocks, as usual), are weighted, and are added back into their rows
+    with one index_add_. Only steps holding a mix or a weight != 1 take this path.
+    """
+
+    def __init__(self, slots: LoraSlots, row_entries: list[list[tuple[int, float]]],
+                 merged: MergedCorrection | None):
+        virtual = sorted((slot, row, w) for row, entries in enumerate(row_entries) for slot, w in entries)
+        device = slots.device
+        self.src = torch.tensor([row for _, row, _ in virtual], device=device)  # [V] row of each virtual row
+        self.weights = torch.tensor([w for _, _, w in virtual], dtype=slots.dtype, device=device).view(-1, 1, 1)
+        self.inner = LoraBatch(slots, [slot for slot, _, _ in virtual], None)
+        self.merged = LoraBatch(slots, [-1] * len(row_entries), merged) if merged is not None else None
+        self.slots = slots
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Add every row's weighted LoRA sum for x [B, S, in] into out [B, S, out] in place."""
+        if self.inner.active and (layer, group) in self.slots.at:
+            xv = x.index_select(0, self.src)  # [V, S, in]
+            yv = out.new_zeros(xv.shape[0], xv.shape[1], out.shape[-1])  # [V, S, out]
+            self.inner.apply(layer, group, xv, yv)
+            out.index_add_(0, self.src, yv.mul_(self.weights))
+        if self.merged is not None:
+            self.merged.apply(layer, group, x, out)
+
+
 @contextmanager
 def _cpu_threads(n: int) -> Iterator[None]:
     """Run the block's torch CPU ops on `n` threads (0 = unchanged).

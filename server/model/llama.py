@@ -22,12 +22,23 @@ from server.model.linear import Projection, onednn_usable
 from server.model.weights import ModelWeights
 
 
-class LoraDelta(Protocol):
-    """Per-row low-rank corrections for one step (see server.adapters.lora_batch)."""
+class AdapterRows(Protocol):
+    """One step's per-row adapter hooks (server.adapters.step_batch.AdapterBatch): every adapter kind
+    acts through these three, at each fused projection ("qkv", "o", "gate_up", "down") and norm."""
+
+    def norm_weight(self, layer: int, group: str, weight: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm weight for `group` ("attn_norm", "mlp_norm"; "norm" at layer num_layers):
+        `weight` [H] itself, or per row [B, 1, H]."""
+
+    def scale_input(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
+        """The input x [B, S, in] of projection `group`, as the projection should see it per row."""
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the LoRA contribution of input x [B, S, in] to the fused projection output
-        out [B, S, out] of `group` ("qkv", "o", "gate_up" or "down") of `layer`, in place."""
+        """Finish the fused projection output out [B, S, out] of `group` of `layer` in place (LoRA
+        deltas, output scales); x [B, S, in] is the projection's input before scale_input."""
+
+
+LoraDelta = AdapterRows  # the name server.ports used first
 
 
 @dataclass
@@ -39,7 +50,7 @@ class StepInput:
     block_tables: torch.Tensor  # [B, P] int64: page ids of each row (padded with any valid page)
     input_ids: torch.Tensor | None = None  # [B, S] int64
     input_embeds: torch.Tensor | None = None  # [B, S, hidden]
-    lora: LoraDelta | None = None
+    lora: AdapterRows | None = None  # per-row adapter math; None = every row is the base model
 
 
 class PagedKVCache:
@@ -205,9 +216,10 @@ class LlamaRuntime:
         mask = mask[:, None]  # [B, 1, S, T]
         lora = step.lora
         for i, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.attn_norm, a.rms_norm_eps)
+            norm_w = layer.attn_norm if lora is None else lora.norm_weight(i, "attn_norm", layer.attn_norm)
+            h = rms_norm(x, norm_w, a.rms_norm_eps)
             proj = self.proj[i]
-            qkv = proj["qkv"](h)  # [B, S, q + 2kv]
+            qkv = proj["qkv"](h if lora is None else lora.scale_input(i, "qkv", h))  # [B, S, q + 2kv]
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
             q = qkv[..., self.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
@@ -222,21 +234,23 @@ class LlamaRuntime:
             values = cache.v[i].index_select(0, read_flat).view(kv_shape).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, S, D]
             attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
-            out = proj["o"](attn)
+            out = proj["o"](attn if lora is None else lora.scale_input(i, "o", attn))
             if lora is not None:
                 lora.apply(i, "o", attn, out)
             x = x + out
-            h = rms_norm(x, layer.mlp_norm, a.rms_norm_eps)
-            gate_up = proj["gate_up"](h)  # [B, S, 2*inter]
+            norm_w = layer.mlp_norm if lora is None else lora.norm_weight(i, "mlp_norm", layer.mlp_norm)
+            h = rms_norm(x, norm_w, a.rms_norm_eps)
+            gate_up = proj["gate_up"](h if lora is None else lora.scale_input(i, "gate_up", h))  # [B, S, 2*inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [B, S, inter]
-            down = proj["down"](act)
+            down = proj["down"](act if lora is None else lora.scale_input(i, "down", act))
             if lora is not None:
                 lora.apply(i, "down", act, down)
             x = x + down
+        norm_w = w.norm if lora is None else lora.norm_weight(a.num_layers, "norm", w.norm)  # [H] or [B, 1, H]
         if all_logits:
-            return self.lm_head(rms_norm(x, w.norm, a.rms_norm_eps)).float()  # [B, S, V]
+            return self.lm_head(rms_norm(x, norm_w, a.rms_norm_eps)).float()  # [B, S, V]
         last = x[torch.arange(bsz, device=x.device), step.lengths - 1]  # [B, H]
-        return self.lm_head(rms_norm(last, w.norm, a.rms_norm_eps)).float()  # [B, V]
+        return self.lm_head(rms_norm(last[:, None], norm_w, a.rms_norm_eps)[:, 0]).float()  # [B, V]

@@ -250,7 +250,8 @@ Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 BAD_ADAPTER_CASES = [
     # (id, kind, mutate(config, tensors), limits, message fragment)
-    ("unknown_peft_type", "lora", _set(peft_type="IA3"), LIMITS, "unsupported peft_type IA3"),
+    ("unknown_peft_type", "lora", _set(peft_type="BOFT"), LIMITS, "unsupported peft_type BOFT"),
+    ("dora_as_type", "lora", _set(peft_type="DORA"), LIMITS, "unsupported peft_type DORA"),
     ("adalora", "lora", _set(peft_type="ADALORA"), LIMITS, "unsupported peft_type ADALORA"),
     ("no_peft_type", "prompt", _set(peft_type=None), LIMITS, "has no peft_type"),
     ("task_type", "lora", _set(task_type="SEQ_CLS"), LIMITS, "unsupported task_type SEQ_CLS"),

@@ -199,12 +199,18 @@ def test_engine_and_adapter_families(metrics):
         "prompt_tuning": 0,
         "p_tuning": 0,
         "prefix_tuning": 1,
+        "dora": 0,
+        "ia3": 0,
+        "ln_tuning": 0,
     }
     assert {t: value(m, "adapterserve_adapters_resident", type=t) for t in ADAPTER_TYPES} == {
         "lora": 2,
         "prompt_tuning": 0,
         "p_tuning": 0,
         "prefix_tuning": 0,
+        "dora": 0,
+        "ia3": 0,
+        "ln_tuning": 0,
     }
     m.set_adapter_counts({"lora": 1}, {})  # every type is set each time: prefix_tuning back to 0
     assert value(m, "adapterserve_adapters_registered", type="prefix_tuning") == 0
@@ -273,7 +279,7 @@ def test_invalid_label_values_are_refused(metrics):
     with pytest.raises(ValueError, match="adapter type"):
         metrics.adapter_loaded("adalora", True, 0.1)
     with pytest.raises(ValueError, match="adapter type"):
-        metrics.set_adapter_counts({"ia3": 1}, {})
+        metrics.set_adapter_counts({"boft": 1}, {})
     with pytest.raises(ValueError, match="build_info"):
         ServerMetrics(build_info={"commit": "x"})
     metrics.request_finished("a", grpc.StatusCode.RESOURCE_EXHAUSTED, 0, 0, 0.1)
