@@ -102,7 +102,8 @@ class ServerApp:
                 max_context_tokens=self.max_context, kv_cache_tokens=self.engine.kv_capacity_tokens,
                 max_batch_size=c.max_batch_size, max_queue=c.max_queue, default_max_new_tokens=c.default_max_new_tokens,
                 max_top_logprobs=MAX_TOP_LOGPROBS, max_lora_rank=c.max_lora_rank,
-                max_virtual_tokens=c.max_virtual_tokens, max_resident_adapters=c.max_resident_adapters),
+                max_virtual_tokens=c.max_virtual_tokens, max_resident_adapters=c.max_resident_adapters,
+                max_adapters_per_request=c.max_adapters_per_request),
         )
 
     def _preload(self, servicer: AdapterServicer) -> None:
@@ -118,7 +119,8 @@ class ServerApp:
         interceptors = [*server_interceptors(cfg), MalformedMessageInterceptor()]
         server = grpc.aio.server(interceptors=interceptors, options=opts)
         limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
-                        default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size)
+                        default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size,
+                        max_adapters_per_request=cfg.max_adapters_per_request)
         self.core = GenerationCore(self.engine, self.adapters, self.model.tokenizer, limits, self.metrics)
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.core, self.model_info()), server)
         adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root, self.adapter_limits)

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from server.model.config import ModelArgs
-from server.model.llama import LoraDelta, PagedKVCache, StepInput
+from server.model.llama import AdapterRows, PagedKVCache, StepInput
 
 T = TypeVar("T")
 
@@ -86,8 +86,8 @@ class AdapterResidency(Protocol):
         """Device K/V [L, H_kv, n, D] written before the prompt, or None."""
         ...
 
-    def lora_delta(self, refs: Sequence[AdapterRef | None]) -> LoraDelta | None:
-        """Per-row LoRA corrections for one step's rows (None = base row)."""
+    def lora_delta(self, refs: Sequence[AdapterRef | None]) -> AdapterRows | None:
+        """Per-row adapter math for one step's rows (None = base row; a mix holds several LoRA adapters)."""
         ...
 
 

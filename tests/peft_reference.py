@@ -96,7 +96,14 @@ def scale_prefix_adapter(folder: str | Path, factor: float) -> Path:
 
 def peft_config(kind: str, **overrides):
     """A PEFT config for `kind` (one of KINDS) with small defaults (IA3 and LN tuning: PEFT's own defaults)."""
-    from peft import IA3Config, LNTuningConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+    from peft import (
+        IA3Config,
+        LNTuningConfig,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
 
     if kind in ("lora", "dora"):
         args = dict(r=4, lora_alpha=8, target_modules=list(ALL_PROJECTIONS), use_dora=kind == "dora")
@@ -120,8 +127,8 @@ def peft_config(kind: str, **overrides):
 def randomize_adapter(peft_model, kind: str, seed: int = 0) -> None:
     """Overwrite the trainable adapter weights with seeded random values that change the output.
 
-    LoRA: A, B ~ N(0, 0.15) (PEFT zero-inits B); DoRA's magnitude times (1 + N(0, 0.3)). IA3 vectors and
-    LN-tuning norm weights: 1 + N(0, 0.5). Prompt / P-tuning embeddings ~ N(0, 1). Prefix K/V
+    LoRA: A, B ~ N(0, 0.15) (PEFT zero-inits B); DoRA's magnitude times (1 + N(0, 0.3)). IA3 vectors 1 + N(0, 1),
+    LN-tuning norm weights 1 + N(0, 0.5). Prompt / P-tuning embeddings ~ N(0, 1). Prefix K/V
     ~ 4 * N(0, 1): raw keys and values must outweigh the real tokens' to move the tiny model's argmax.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -133,7 +140,7 @@ def randomize_adapter(peft_model, kind: str, seed: int = 0) -> None:
             p.mul_(1 + torch.randn(p.shape, generator=gen) * 0.3)
             continue
         if kind in ("ia3", "ln"):
-            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(1 + torch.randn(p.shape, generator=gen) * (1.0 if kind == "ia3" else 0.5))
             continue
         if kind in ("lora", "dora"):
             std = 0.15

@@ -17,14 +17,17 @@ import threading
 import time
 
 from server.adapters.entry import (
+    MERGEABLE,
     AdapterCapacityError,
     AdapterEntry,
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterPreconditionError,
     AdapterState,
+    InvalidMixError,
 )
 from server.adapters.formats import AdapterKind, AdapterSpec
+from server.adapters.mix import AdapterMix
 from server.adapters.residency import Residency
 from server.metrics import ServerMetrics
 from server.ports import EngineCommands
@@ -49,8 +52,9 @@ class AdapterCatalog:
     def register(self, adapter_id: str, spec: AdapterSpec, *, merge: bool = False, pin: bool = False,
                  replace: bool = False, timeout: float = 120.0) -> AdapterEntry:
         """Install an adapter; returns when it can serve the very next request."""
-        if merge and spec.kind != AdapterKind.LORA:
-            raise AdapterPreconditionError(f"merge: only LORA adapters can be merged, not {spec.kind.value}")
+        if merge and spec.kind not in MERGEABLE:
+            raise AdapterPreconditionError(
+                f"merge: only {', '.join(k.value for k in MERGEABLE)} adapters can be merged, not {spec.kind.value}")
         with self._admin_lock:  # one registration at a time: check-then-install stays atomic
             with self._lock:
                 old = self._by_id.get(adapter_id)
@@ -103,8 +107,32 @@ class AdapterCatalog:
             entry.refs += 1
             return entry
 
-    def release(self, entry: AdapterEntry) -> None:
+    def acquire_mix(self, parts: list[tuple[str, float]]) -> AdapterMix:
+        """References to every LoRA adapter of a weighted mix, or to none: NOT_FOUND for an unknown id,
+        InvalidMixError (naming ``adapters[i]``) for a non-LoRA or merged one."""
+        taken: list[tuple[AdapterEntry, float]] = []
+        try:
+            for i, (adapter_id, weight) in enumerate(parts):
+                entry = self.acquire(adapter_id)
+                taken.append((entry, weight))
+                if entry.kind != AdapterKind.LORA:
+                    raise InvalidMixError(f"adapters[{i}].adapter_id: {adapter_id!r} is a {entry.kind.value} adapter; "
+                                          "only LORA adapters can be mixed")
+                if entry.merge_requested:
+                    raise InvalidMixError(f"adapters[{i}].adapter_id: {adapter_id!r} is merged into the base weights; "
+                                          "a merged adapter cannot be mixed")
+        except Exception:
+            for entry, _ in taken:
+                self.release(entry)
+            raise
+        return AdapterMix(tuple(taken))
+
+    def release(self, entry: AdapterEntry | AdapterMix) -> None:
         """A request holding `entry` ended (any outcome, any thread); the last one of a draining entry frees it."""
+        if isinstance(entry, AdapterMix):
+            for part, _ in entry.parts:
+                self.release(part)
+            return
         with self._lock:
             entry.refs -= 1
             free_now = entry.draining and entry.refs == 0

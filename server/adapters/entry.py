@@ -15,6 +15,14 @@ import torch
 
 from server.adapters.formats import AdapterKind, AdapterSpec
 
+# Kinds that take a device slot (LoRA weights and/or row vectors), and those that can be merged.
+SLOT_KINDS = (AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3, AdapterKind.LN_TUNING)
+MERGEABLE = (AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3)
+
+
+class InvalidMixError(ValueError):
+    """INVALID_ARGUMENT: a weighted mix names an adapter that cannot be mixed (the message names the field)."""
+
 
 class AdapterState(str, Enum):
     REGISTERED = "REGISTERED"
@@ -61,6 +69,7 @@ class AdapterEntry:
     slot: int | None = None  # LoRA device slot
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # device K/V [L, H_kv, n, D] when resident
     host_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # host copy (prompt kinds)
+    vectors: dict | None = None  # row vectors (DoRA, IA3, LN tuning; server.adapters.kinds.base), set at install
     resident: bool = False
 
     @property

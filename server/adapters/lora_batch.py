@@ -168,7 +168,7 @@ class MergedCorrection:
 
 
 class LoraBatch:
-    """The per-step LoRA contributions (implements server.model.llama.LoraDelta).
+    """The per-step LoRA contributions (the additive part of server.adapters.step_batch.AdapterBatch).
 
     The engine sorts rows by slot, so each slot's rows are contiguous. They split into *blocks*:
     consecutive slots lo..lo+U-1 with M rows each in consecutive rows (an even spread over

@@ -18,9 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-from server.adapters.entry import AdapterCapacityError, AdapterEntry, AdapterPreconditionError
-from server.adapters.formats import AdapterFormatError, AdapterKind, LoraWeights, PrefixWeights, PromptWeights
-from server.adapters.lora_batch import GROUP_OF, LoraBatch, LoraSlots, MergedCorrection, pack_group
+from server.adapters.base_weights import RuntimeBaseWeights
+from server.adapters.entry import SLOT_KINDS, AdapterCapacityError, AdapterEntry, AdapterPreconditionError
+from server.adapters.formats import LORA_KINDS, AdapterFormatError, AdapterKind, PrefixWeights, PromptWeights
+from server.adapters.kinds import row_vector_kind
+from server.adapters.lora_batch import GROUP_OF, LoraSlots, pack_group
+from server.adapters.merge import merge_plan
+from server.adapters.mix import AdapterMix
+from server.adapters.row_vectors import VectorSlots
+from server.adapters.step_batch import AdapterBatch, MergedAdapter, build_step
 from server.metrics import ServerMetrics
 from server.model.llama import PagedKVCache, StepInput
 from server.ports import ModelRuntime, ModuleKey, RequestRefused
@@ -44,7 +50,9 @@ class Residency:
         self._lru: collections.OrderedDict[int, AdapterEntry] = collections.OrderedDict()  # resident, oldest first
         self.merged_entry: AdapterEntry | None = None
         self._merged_backup: dict[ModuleKey, torch.Tensor] = {}
-        self._merged_modules: dict = {}
+        self._merged: MergedAdapter | None = None
+        self.base = RuntimeBaseWeights(runtime, lambda: self._merged_backup)  # weights as loaded, never merged
+        self.vectors = VectorSlots(self.base, max_resident, runtime.device, runtime.dtype)  # DoRA, IA3, LN rows
 
     # ------------------------------------------------------------------ from the catalog
     def install(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
@@ -56,6 +64,9 @@ class Residency:
             if old is not None and old is self.merged_entry:
                 raise AdapterPreconditionError("merge: cannot replace the merged adapter in place; unregister it first")
         self._check_room(entry, old)
+        kind_weights = row_vector_kind(entry.spec.weights)
+        if kind_weights is not None:  # once per registration, from the base weights as loaded
+            entry.vectors = kind_weights.row_vectors(self.base)
         if entry.kind in (AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING):
             entry.host_prefix = self._prompt_prefix(entry.spec.weights)
         elif entry.kind == AdapterKind.PREFIX_TUNING:
@@ -81,8 +92,26 @@ class Residency:
         self._report()
 
     # ------------------------------------------------------------------ from the engine's step loop
-    def activate(self, entry: AdapterEntry) -> bool | None:
-        """Make `entry` resident for a request joining the batch (see server.ports.AdapterResidency)."""
+    def activate(self, entry: AdapterEntry | AdapterMix) -> bool | None:
+        """Make `entry` resident for a request joining the batch (see server.ports.AdapterResidency);
+        a mix's parts all at once, or none of them."""
+        if isinstance(entry, AdapterMix):
+            done: list[AdapterEntry] = []
+            hits = True
+            for part, _ in entry.parts:
+                try:
+                    hit = self.activate(part)
+                except Exception:
+                    for d in done:
+                        self.deactivate(d)
+                    raise
+                if hit is None:
+                    for d in done:
+                        self.deactivate(d)
+                    return None
+                done.append(part)
+                hits = hits and hit
+            return hits
         if entry.freed:
             raise RequestRefused("NOT_FOUND", f"adapter_id {entry.adapter_id!r} was unregistered")
         was_resident = entry.resident or entry.merged
@@ -94,23 +123,27 @@ class Residency:
         entry.running += 1
         return was_resident
 
-    def deactivate(self, entry: AdapterEntry) -> None:
-        entry.running -= 1
+    def deactivate(self, entry: AdapterEntry | AdapterMix) -> None:
+        for part in [p for p, _ in entry.parts] if isinstance(entry, AdapterMix) else [entry]:
+            part.running -= 1
 
-    def prefix_kv(self, entry: AdapterEntry) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return entry.prefix
+    def prefix_kv(self, entry: AdapterEntry | AdapterMix) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if isinstance(entry, AdapterMix) else entry.prefix
 
-    def lora_delta(self, entries: Sequence[AdapterEntry | None]) -> LoraBatch | None:
-        row_slots = [e.slot if (e is not None and e.slot is not None) else -1 for e in entries]
-        merged = None
-        if self.merged_entry is not None:
-            sign = [0.0 if e is self.merged_entry else -1.0 for e in entries]
-            if any(sign):
-                sign_t = torch.tensor(sign, dtype=self.runtime.dtype, device=self.runtime.device)
-                merged = MergedCorrection(self._merged_modules, sign_t.view(-1, 1, 1))
-        if merged is None and all(s < 0 for s in row_slots):
-            return None
-        return LoraBatch(self.slots, row_slots, merged)
+    def lora_delta(self, entries: Sequence[AdapterEntry | AdapterMix | None]) -> AdapterBatch | None:
+        """The step's per-row adapter math (server.model.llama.AdapterRows); None for an all-base step."""
+        lora_rows: list[list[tuple[int, float]]] = []
+        vector_rows: list[int] = []
+        for e in entries:
+            if isinstance(e, AdapterMix):
+                lora_rows.append([(p.slot, w) for p, w in e.parts if p.slot is not None])
+                vector_rows.append(0)
+                continue
+            slot = None if e is None else e.slot
+            lora_rows.append([(slot, 1.0)] if slot is not None and e.kind in LORA_KINDS else [])
+            vector_rows.append(slot + 1 if slot is not None and e.vectors else 0)
+        merged_rows = [e is not None and e is self.merged_entry for e in entries]
+        return build_step(self.slots, self.vectors, lora_rows, vector_rows, self._merged, merged_rows)
 
     # ------------------------------------------------------------------ room
     def _held(self, old: AdapterEntry | None) -> list[AdapterEntry]:
@@ -154,7 +187,7 @@ class Residency:
             if entry.key in self._lru:
                 self._lru.move_to_end(entry.key)
             return True
-        needs_slot = entry.kind == AdapterKind.LORA
+        needs_slot = entry.kind in SLOT_KINDS
         while (len(self._lru) >= self.max_resident
                or self._resident_bytes() + entry.spec.size_bytes > self.memory_bytes
                or (needs_slot and not self._free_slots)):
@@ -168,7 +201,10 @@ class Residency:
         if needs_slot:
             entry.slot = min(self._free_slots)
             self._free_slots.remove(entry.slot)
-            self.slots.load(entry.slot, entry.spec.weights.modules)
+            if entry.kind in LORA_KINDS:
+                self.slots.load(entry.slot, entry.spec.weights.modules)
+            if entry.vectors:
+                self.vectors.load(entry.slot, entry.vectors)
         else:
             k, v = entry.host_prefix
             entry.prefix = (k.to(self.runtime.device, self.runtime.dtype), v.to(self.runtime.device, self.runtime.dtype))
@@ -183,6 +219,7 @@ class Residency:
         self._lru.pop(entry.key, None)
         if entry.slot is not None:
             self.slots.clear(entry.slot)
+            self.vectors.clear(entry.slot)
             self._free_slots.append(entry.slot)
             entry.slot = None
         entry.prefix = None
@@ -207,24 +244,27 @@ class Residency:
 
     # ------------------------------------------------------------------ merge-on-load
     def _merge(self, entry: AdapterEntry) -> None:
-        """Fold s*B@A of every module into the base weights; refused (nothing changed) if any delta is non-finite."""
-        lw: LoraWeights = entry.spec.weights
+        """Fold the adapter into the base weights (server.adapters.merge: LoRA, DoRA, IA3); refused with
+        nothing changed if any merged weight would be non-finite. Other rows undo it every step."""
         rt = self.runtime
-        deltas: dict[ModuleKey, torch.Tensor] = {}
-        for (layer, name), m in lw.modules.items():
-            delta = (m.b.double() @ m.a.double()) * m.scale  # [out, in]
+        plan = merge_plan(entry.spec, self.base)
+        for (layer, name), delta in plan.deltas.items():
             if not bool(torch.isfinite(delta).all()):
-                raise AdapterFormatError(f"merge: the delta of layer {layer} {name} (scale * lora_B @ lora_A) "
-                                         "holds NaN or inf")
-            deltas[(layer, name)] = delta
+                raise AdapterFormatError(f"merge: the delta of layer {layer} {name} holds NaN or inf")
         try:
-            self._merged_backup = rt.add_deltas(deltas)
+            self._merged_backup = rt.add_deltas(plan.deltas)
         except ValueError as e:  # a finite delta that overflows the weight
             raise AdapterFormatError(f"merge: {e}") from e
-        rank = max(m.a.shape[0] for m in lw.modules.values())
-        for layer, group in {(layer, GROUP_OF[name]) for layer, name in lw.modules}:
-            self._merged_modules[(layer, group)] = pack_group(rt.args, group, lw.modules, layer, rank, rt.device,
-                                                              rt.dtype)
+        packed = {}
+        if plan.lora_modules:
+            rank = max(m.a.shape[0] for m in plan.lora_modules.values())
+            for layer, group in {(layer, GROUP_OF[name]) for layer, name in plan.lora_modules}:
+                packed[(layer, group)] = pack_group(rt.args, group, plan.lora_modules, layer, rank, rt.device, rt.dtype)
+        undo = None
+        if plan.undo:
+            undo = VectorSlots(self.base, 1, rt.device, rt.dtype)
+            undo.load(0, plan.undo)
+        self._merged = MergedAdapter(packed, undo)
         entry.merged = True
         self.merged_entry = entry
         self._lru[entry.key] = entry
@@ -235,7 +275,7 @@ class Residency:
     def _unmerge(self, entry: AdapterEntry) -> None:
         self.runtime.restore_rows(self._merged_backup)  # bit-exact restore
         self._merged_backup = {}
-        self._merged_modules = {}
+        self._merged = None
         self.merged_entry = None
         entry.merged = False
         if self.metrics is not None:

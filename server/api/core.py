@@ -26,7 +26,7 @@ import grpc
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.adapters.catalog import AdapterCatalog
 from server.api.errors import error_message, status_for
-from server.api.validation import Limits, prompt_ids, sampling
+from server.api.validation import Limits, adapter_mix, prompt_ids, sampling
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
 from server.metrics import OTHER_LABEL, ServerMetrics
@@ -229,13 +229,24 @@ class GenerationCore:
     def _build(self, request: pb.GenerateRequest, outcome: Outcome) -> Request:
         entry = None
         try:
-            if request.adapter_id:
+            try:
+                mix = adapter_mix(request, self.limits.max_adapters_per_request)
+            except ValueError as e:
+                raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            if mix:  # a weighted LoRA mix: every part acquired, or none
+                try:
+                    entry = self.adapters.acquire_mix(mix)
+                except (LookupError, ValueError) as e:
+                    outcome.metrics_adapter = OTHER_LABEL
+                    raise GenerationError(status_for(e) or grpc.StatusCode.INVALID_ARGUMENT, error_message(e)) from e
+                outcome.adapter_id = outcome.metrics_adapter = entry.adapter_id
+            elif request.adapter_id:
                 try:
                     entry = self.adapters.acquire(request.adapter_id)
                 except LookupError as e:
                     outcome.metrics_adapter = OTHER_LABEL  # unknown ids must not mint label values
                     raise GenerationError(grpc.StatusCode.NOT_FOUND, error_message(e)) from e
-            prefix_len = entry.spec.num_virtual_tokens if entry is not None else 0
+            prefix_len = entry.num_virtual_tokens if entry is not None else 0
             try:
                 ids = prompt_ids(request, self.tokenizer, self.limits.vocab_size)
                 outcome.prompt_tokens = len(ids)

@@ -9,6 +9,7 @@ from server.adapters.entry import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterPreconditionError,
+    InvalidMixError,
 )
 from server.adapters.formats import AdapterFormatError, AdapterPathError
 from server.engine.engine import EngineUnavailableError
@@ -22,6 +23,7 @@ class InvalidRequestError(ValueError):
 _MAPPING: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidMixError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterPathError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),

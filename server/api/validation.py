@@ -20,6 +20,36 @@ class Limits:
     kv_capacity_tokens: int
     default_max_new_tokens: int
     vocab_size: int
+    max_adapters_per_request: int = 4
+
+
+MAX_MIX_WEIGHT = 4.0
+
+
+def adapter_mix(req: pb.GenerateRequest, max_adapters: int) -> list[tuple[str, float]]:
+    """The request's weighted LoRA mix as [(adapter_id, weight)] (empty: none); checks count, weights, duplicates."""
+    parts = req.adapters
+    if not parts:
+        return []
+    if req.adapter_id:
+        raise InvalidRequestError("adapters: mutually exclusive with adapter_id; give one or the other")
+    if len(parts) > max_adapters:
+        raise InvalidRequestError(f"adapters: at most {max_adapters} adapters per request "
+                                  f"(--max-adapters-per-request), got {len(parts)}")
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for i, p in enumerate(parts):
+        if not p.adapter_id:
+            raise InvalidRequestError(f"adapters[{i}].adapter_id: must not be empty")
+        if p.adapter_id in seen:
+            raise InvalidRequestError(f"adapters[{i}].adapter_id: {p.adapter_id!r} appears more than once")
+        seen.add(p.adapter_id)
+        weight = p.weight if p.HasField("weight") else 1.0
+        if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
+            raise InvalidRequestError(f"adapters[{i}].weight: must be finite and in [-{MAX_MIX_WEIGHT:g}, "
+                                      f"{MAX_MIX_WEIGHT:g}], got {weight}")
+        out.append((p.adapter_id, float(weight)))
+    return out
 
 
 def prompt_ids(req: pb.GenerateRequest, tokenizer, vocab_size: int) -> list[int]:

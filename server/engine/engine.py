@@ -246,7 +246,7 @@ class Engine:
                 continue
             if r.adapter is not None and hit is None:
                 continue  # every adapter slot is busy with running requests: wait, don't fail
-            r.prefix_len = r.adapter.spec.num_virtual_tokens if r.adapter is not None else 0
+            r.prefix_len = r.adapter.num_virtual_tokens if r.adapter is not None else 0
             pages = self.allocator.allocate(self.allocator.pages_for(r.total_tokens_needed))
             if pages is None:
                 if r.adapter is not None:

@@ -38,8 +38,6 @@ class AdapterRows(Protocol):
         deltas, output scales); x [B, S, in] is the projection's input before scale_input."""
 
 
-LoraDelta = AdapterRows  # the name server.ports used first
-
 
 @dataclass
 class StepInput:

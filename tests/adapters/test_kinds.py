@@ -13,8 +13,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server.adapters.formats import AdapterFormatError, AdapterKind, AdapterLimits, load_adapter_dir, load_adapter_files
-from server.adapters.kinds.base import BaseWeights
+from server.adapters.formats import (
+    AdapterFormatError,
+    AdapterKind,
+    AdapterLimits,
+    load_adapter_dir,
+    load_adapter_files,
+)
 from server.adapters.lora_batch import GROUPS, LoraBatch, LoraSlots, WeightedLoraBatch
 from server.adapters.row_vectors import VectorSlots
 from server.adapters.step_batch import AdapterBatch, RowVectorIndex

@@ -15,7 +15,9 @@ from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.peft_reference import make_peft_adapter, peft_greedy_reference
 from tests.serving import make_request
 
-KINDS = ["lora", "prompt", "ptuning", "prefix"]
+KINDS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln"]
+TYPES = {"lora": pb.LORA, "prompt": pb.PROMPT_TUNING, "ptuning": pb.P_TUNING, "prefix": pb.PREFIX_TUNING,
+         "dora": pb.DORA, "ia3": pb.IA3, "ln": pb.LN_TUNING}
 N_NEW = 8
 
 
@@ -26,6 +28,11 @@ def adapter_root(tmp_path_factory, tiny_model_factory):
     root = tmp_path_factory.mktemp("adapters")
     for i, kind in enumerate(KINDS):
         make_peft_adapter(base, root / kind, kind, seed=10 + i)
+    # IA3 with an output scale on o_proj and an input scale on o_proj's own input elsewhere; LN on every norm
+    make_peft_adapter(base, root / "ia3b", "ia3", seed=31, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
+                      feedforward_modules=["o_proj"])
+    make_peft_adapter(base, root / "ln_all", "ln", seed=32,
+                      target_modules=["input_layernorm", "post_attention_layernorm", "norm"])
     make_peft_adapter(base, root / "lora2", "lora", seed=99, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     make_peft_adapter(base, root / "lora3", "lora", seed=7, r=8, lora_alpha=32, use_rslora=True,
                       target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])
@@ -41,7 +48,7 @@ def references(adapter_root, tiny_model_factory):
     tok = load_model(str(base)).tokenizer
     prompts = [tok.encode("the quick brown fox"), tok.encode("hello world, this is")]
     refs = {}
-    for name in [None, *KINDS, "lora2", "lora3"]:
+    for name in [None, *KINDS, "lora2", "lora3", "ia3b", "ln_all"]:
         adapter_dir = None if name is None else adapter_root / name
         refs[name] = [peft_greedy_reference(base, adapter_dir, p, N_NEW) for p in prompts]
     return prompts, refs
@@ -49,7 +56,8 @@ def references(adapter_root, tiny_model_factory):
 
 @pytest.fixture
 def server(start_server, tiny_llama, adapter_root):
-    return start_server(tiny_llama, adapter_root=str(adapter_root), kv_cache_tokens=4096, max_batch_size=16)
+    return start_server(tiny_llama, adapter_root=str(adapter_root), kv_cache_tokens=4096, max_batch_size=16,
+                        max_resident_adapters=16)
 
 
 def register(srv, adapter_id, path=None, **kw):
@@ -60,9 +68,9 @@ def gen(srv, ids, adapter="", **kw):
     return srv.generate(token_ids=ids, adapter_id=adapter, max_new_tokens=N_NEW, ignore_eos=True, logprobs=True, **kw)
 
 
-def assert_matches(resp, ref):
+def assert_matches(resp, ref, name=None):
     tokens, logprobs = ref
-    assert list(resp.token_ids) == tokens
+    assert list(resp.token_ids) == tokens, name
     for got, want in zip(resp.logprobs, logprobs, strict=True):
         assert abs(got.logprob - want) < 1e-3
 
@@ -71,8 +79,7 @@ def assert_matches(resp, ref):
 def test_each_kind_equals_peft_and_differs_from_base(server, references, kind):
     prompts, refs = references
     info = register(server, kind)
-    assert info.type == {"lora": pb.LORA, "prompt": pb.PROMPT_TUNING, "ptuning": pb.P_TUNING,
-                         "prefix": pb.PREFIX_TUNING}[kind]
+    assert info.type == TYPES[kind]
     for p, ref in zip(prompts, refs[kind], strict=True):
         resp = gen(server, p, kind)
         assert_matches(resp, ref)
@@ -82,7 +89,7 @@ def test_each_kind_equals_peft_and_differs_from_base(server, references, kind):
 
 def test_mixed_batch_of_every_kind_and_base(server, references):
     prompts, refs = references
-    names = [*KINDS, "lora2", "lora3"]
+    names = [*KINDS, "lora2", "lora3", "ia3b", "ln_all"]
     for name in names:
         register(server, name)
     jobs = [(name, i) for name in [None, *names] for i in range(len(prompts))] * 2
@@ -102,22 +109,24 @@ def test_upload_inline_equals_path(server, references, adapter_root):
     assert_matches(gen(server, prompts[0], "up"), refs["prefix"][0])
 
 
-def test_merge_on_load_keeps_every_row_exact_and_unmerge_restores_bits(server, references):
+@pytest.mark.parametrize("merged", ["lora", "dora", "ia3"])
+def test_merge_on_load_keeps_every_row_exact_and_unmerge_restores_bits(server, references, merged):
     prompts, refs = references
     before = [t.clone() for lw in server.app.model.runtime.w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-    info = register(server, "lora", merge=True)
+    info = register(server, merged, merge=True)
     assert info.merged and info.state == pb.MERGED
-    register(server, "lora2")
-    register(server, "prefix")
-    jobs = [(n, i) for n in [None, "lora", "lora2", "prefix"] for i in range(2)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    others = ["lora2", "prefix", "ia3b", "ln_all"] + (["dora"] if merged != "dora" else ["lora"])
+    for name in others:
+        register(server, name)
+    jobs = [(n, i) for n in [None, merged, *others] for i in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futs = [(n, i, pool.submit(gen, server, prompts[i], n or "")) for n, i in jobs]
         for n, i, f in futs:
-            assert_matches(f.result(), refs[n][i])
+            assert_matches(f.result(), refs[n][i], n)
     with pytest.raises(grpc.RpcError) as err:
         register(server, "lora3", merge=True)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    server.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="lora"))
+    server.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=merged))
     after = [t for lw in server.app.model.runtime.w.layers for t in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
     assert all(a.equal(b) for a, b in zip(before, after, strict=True))
     assert_matches(gen(server, prompts[0]), refs[None][0])
@@ -223,6 +232,8 @@ REGISTER_ERRORS = [
     ("dot id", {"adapter_id": "..", "path": "lora"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
     ("no source", {}, grpc.StatusCode.INVALID_ARGUMENT, "source"),
     ("merge prefix", {"path": "prefix", "merge": True}, grpc.StatusCode.FAILED_PRECONDITION, "merge"),
+    ("merge ln", {"path": "ln", "merge": True}, grpc.StatusCode.FAILED_PRECONDITION,
+     "merge: only LORA, DORA and IA3 adapters can be merged, not LN_TUNING"),
 ]
 
 

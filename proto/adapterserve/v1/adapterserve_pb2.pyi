@@ -22,6 +22,9 @@ class AdapterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROMPT_TUNING: _ClassVar[AdapterType]
     P_TUNING: _ClassVar[AdapterType]
     PREFIX_TUNING: _ClassVar[AdapterType]
+    DORA: _ClassVar[AdapterType]
+    IA3: _ClassVar[AdapterType]
+    LN_TUNING: _ClassVar[AdapterType]
 
 class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +43,9 @@ LORA: AdapterType
 PROMPT_TUNING: AdapterType
 P_TUNING: AdapterType
 PREFIX_TUNING: AdapterType
+DORA: AdapterType
+IA3: AdapterType
+LN_TUNING: AdapterType
 ADAPTER_STATE_UNSPECIFIED: AdapterState
 REGISTERED: AdapterState
 RESIDENT: AdapterState
@@ -86,8 +92,16 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class AdapterWeight(_message.Message):
+    __slots__ = ("adapter_id", "weight")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("adapter_id", "prompt", "messages", "prompt_token_ids", "params", "return_logprobs", "top_logprobs", "request_id")
+    __slots__ = ("adapter_id", "prompt", "messages", "prompt_token_ids", "params", "return_logprobs", "top_logprobs", "request_id", "adapters")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +110,7 @@ class GenerateRequest(_message.Message):
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     prompt: str
     messages: ChatMessages
@@ -104,7 +119,8 @@ class GenerateRequest(_message.Message):
     return_logprobs: bool
     top_logprobs: int
     request_id: str
-    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
+    def __init__(self, adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., request_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -191,7 +207,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_context_tokens", "kv_cache_tokens", "max_batch_size", "max_queue", "default_max_new_tokens", "max_top_logprobs", "max_lora_rank", "max_virtual_tokens", "max_resident_adapters")
+    __slots__ = ("max_context_tokens", "kv_cache_tokens", "max_batch_size", "max_queue", "default_max_new_tokens", "max_top_logprobs", "max_lora_rank", "max_virtual_tokens", "max_resident_adapters", "max_adapters_per_request")
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +217,7 @@ class Limits(_message.Message):
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     max_context_tokens: int
     kv_cache_tokens: int
     max_batch_size: int
@@ -210,7 +227,8 @@ class Limits(_message.Message):
     max_lora_rank: int
     max_virtual_tokens: int
     max_resident_adapters: int
-    def __init__(self, max_context_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_resident_adapters: _Optional[int] = ...) -> None: ...
+    max_adapters_per_request: int
+    def __init__(self, max_context_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_resident_adapters: _Optional[int] = ..., max_adapters_per_request: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "vocab_size", "max_context", "dtype", "device", "limits", "num_layers", "hidden_size", "version")
