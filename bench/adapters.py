@@ -5,7 +5,8 @@
 Builds rank-16 LoRA adapters on every linear layer of the model (plus prompt-tuning and prefix
 adapters) in PEFT's format, serves them, and reports throughput ratios:
 server with 8 LoRA adapters / the same server base-only; / PEFT mixed-batch generate(adapter_names=);
-/ PEFT set_adapter + generate per request; a merged adapter / base; register latency; 1 -> 8 -> 64 adapters.
+/ PEFT set_adapter + generate per request; a merged adapter / base; register latency; 1 -> 8 -> 64 adapters;
+8 DoRA, 8 IA3, 8 LN-tuning adapters, 8 weighted mixes of 2 LoRAs, and one load with a request of every kind.
 """
 
 from __future__ import annotations
@@ -32,33 +33,54 @@ from bench.serving import chat_prompts
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_adapters(folder: Path, out: Path, n_lora: int, n_prompt: int, n_prefix: int, rank: int) -> list[str]:
-    """Write adapters in PEFT's own format; one of each kind made by PEFT, the rest re-randomized copies."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+def build_adapters(folder: Path, out: Path, n_lora: int, n_prompt: int, n_prefix: int, rank: int,
+                   n_other: int = 8) -> list[str]:
+    """Write adapters in PEFT's own format; one of each kind made by PEFT, the rest re-randomized copies.
+
+    DoRA magnitudes, IA3 vectors and LN-tuning norms are PEFT's initial values times (1 + 0.02 N(0, 1)).
+    """
+    from peft import (
+        IA3Config,
+        LNTuningConfig,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        get_peft_model,
+    )
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     made = []
     kinds = [("lora", n_lora, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEAR, task_type="CAUSAL_LM")),
              ("prompt", n_prompt, PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")),
-             ("prefix", n_prefix, PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"))]
+             ("prefix", n_prefix, PrefixTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM")),
+             ("dora", n_other, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LINEAR, use_dora=True,
+                                          task_type="CAUSAL_LM")),
+             ("ia3", n_other, IA3Config(task_type="CAUSAL_LM")),
+             ("ln", n_other, LNTuningConfig(task_type="CAUSAL_LM"))]
     for kind, count, cfg in kinds:
         if count == 0:
             continue
         template = out / f"{kind}-0"
         model = get_peft_model(base, cfg)
         model.save_pretrained(template, safe_serialization=True)
-        base = model.unload() if kind == "lora" else model.base_model
+        base = model.unload() if kind not in ("prompt", "prefix") else model.base_model
         tensors = load_file(str(template / "adapter_model.safetensors"))
         for i in range(count):
             gen = torch.Generator().manual_seed(1000 * len(made) + i)
             target = out / f"{kind}-{i}"
             target.mkdir(parents=True, exist_ok=True)
             (target / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
-            save_file({k: torch.randn(v.shape, generator=gen) * (0.02 if kind == "lora" else 0.5)
-                       for k, v in tensors.items()}, str(target / "adapter_model.safetensors"))
+            save_file({k: _randomized(k, v, kind, gen) for k, v in tensors.items()},
+                      str(target / "adapter_model.safetensors"))
             made.append(target.name)
     return made
+
+
+def _randomized(key: str, v: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if any(s in key for s in ("lora_magnitude_vector", "ia3_l", "ln_tuning_layers")):
+        return v * (1 + 0.02 * torch.randn(v.shape, generator=gen))
+    return torch.randn(v.shape, generator=gen) * (0.02 if kind in ("lora", "dora") else 0.5)
 
 
 def register(target: str, adapter_id: str, path: str, merge: bool = False) -> float:
@@ -157,21 +179,29 @@ def main() -> None:
     n_lora = max(8, *scaling)
     names = build_adapters(folder, root, n_lora, 4, 4, args.rank)
     loras = [n for n in names if n.startswith("lora")]
-    others = [n for n in names if not n.startswith("lora")]
+    others = [n for n in names if n.startswith(("prompt", "prefix"))]
+    by_kind = {k: [n for n in names if n.startswith(k + "-")] for k in ("dora", "ia3", "ln")}
+    mixes = [f"{loras[i]}=1,{loras[(i + 1) % 8]}=0.5" for i in range(8)]  # 8 mixes of 2 LoRAs each
 
     server = ServerProcess("--model", args.model, "--adapter-root", str(root), "--max-batch-size",
-                           str(args.requests), "--max-resident-adapters", str(n_lora + 8),
+                           str(args.requests), "--max-resident-adapters", str(n_lora + 40),
                            "--log-level", "WARNING", threads=threads)
     results: dict[str, float] = {}
     try:
         reg_ms = []
-        for n in loras + others:  # one at a time on an idle server, as an operator registers them
+        for n in loras + others + sum(by_kind.values(), []):  # one at a time on an idle server, as an operator registers them
             reg_ms.append(register(server.target, n, n))
             time.sleep(0.2)
         results["register p50 ms (rank-16 LoRA)"] = statistics.median(reg_ms[:len(loras)])
         # Warm-up: every adapter of the measured loads has served a request before timing starts.
-        asyncio.run(run_load(server.target, prompts, [""] + loras[:max(scaling)] + others, 4, len(prompts)))
-        loads = {"base only": [""], "8 LoRA": loras[:8], "8 LoRA + 4 prompt + 4 prefix": loras[:8] + others}
+        kinds = sum(by_kind.values(), [])
+        asyncio.run(run_load(server.target, prompts, [""] + loras[:max(scaling)] + others + kinds + mixes, 4,
+                             len(prompts)))
+        every = ["", loras[0], others[0], others[-1], by_kind["dora"][0], by_kind["ia3"][0], by_kind["ln"][0],
+                 mixes[0]]
+        loads = {"base only": [""], "8 LoRA": loras[:8], "8 LoRA + 4 prompt + 4 prefix": loras[:8] + others,
+                 "8 DoRA": by_kind["dora"], "8 IA3": by_kind["ia3"], "8 LN tuning": by_kind["ln"],
+                 "8 mixes of 2 LoRA": mixes, "every kind (base, LoRA, prompt, prefix, DoRA, IA3, LN, mix)": every}
         loads.update({f"{n} LoRA adapters": loras[:n] for n in scaling if n != 8})
         results.update(interleaved(server.target, prompts, loads, args.max_new_tokens, args.repeats))
         results.update(merged_rounds(server.target, prompts, loras[0], args.max_new_tokens, args.repeats))
@@ -193,6 +223,9 @@ def main() -> None:
     lora8 = results["8 LoRA"]
     print(f"\n8 LoRA / base-only: {lora8 / base:.2f}x   8 LoRA / PEFT mixed batch: {lora8 / mixed:.2f}x   "
           f"8 LoRA / PEFT per request: {lora8 / per_request:.2f}x")
+    print(f"IA3 / base: {results['8 IA3'] / base:.2f}x (target >= 0.95)   LN tuning / base: "
+          f"{results['8 LN tuning'] / base:.2f}x (>= 0.95)   DoRA / LoRA: {results['8 DoRA'] / lora8:.2f}x (>= 0.95)   "
+          f"2-LoRA mix / LoRA: {results['8 mixes of 2 LoRA'] / lora8:.2f}x (>= 0.75)")
     print(f"merged adapter / base (same rounds): {results['merged adapter only'] / merged_base:.2f}x   "
           f"register rank-{args.rank} LoRA p50: {results['register p50 ms (rank-16 LoRA)']:.1f} ms")
     print(json.dumps({k: round(v, 2) for k, v in results.items()}))

@@ -44,8 +44,13 @@ class LoadResult:
 
 
 async def _one(stub, prompt: str, adapter: str, max_new: int, out: dict) -> None:
-    req = pb.GenerateRequest(prompt=prompt, adapter_id=adapter,
-                             params=pb.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+    req = pb.GenerateRequest(prompt=prompt, params=pb.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+    if "=" in adapter:  # a weighted LoRA mix "a=1,b=0.5"
+        for part in adapter.split(","):
+            name, weight = part.split("=")
+            req.adapters.append(pb.AdapterWeight(adapter_id=name, weight=float(weight)))
+    else:
+        req.adapter_id = adapter
     t0 = time.perf_counter()
     first = None
     n = 0

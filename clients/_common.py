@@ -30,6 +30,25 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+# An adapter id, or a weighted mix of LoRA adapters ({id: weight} or [(id, weight)]); None = the base model.
+AdapterChoice = Union[str, Mapping[str, float], Sequence[tuple[str, float]], None]
+
+
+def parse_adapter(text: str | None) -> AdapterChoice:
+    """The CLI's ``--adapter``: an id, or a mix ``a=0.5,b=-1`` (ids never hold '=' or ',')."""
+    if not text:
+        return None
+    if "=" not in text:
+        return text
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--adapter: {part!r} is not ID=WEIGHT") from None
+    return mix
+
 def backoff_delay(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): exponential, capped, jittered."""
     return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
@@ -77,7 +96,7 @@ def build_generate_request(
     *,
     messages: Iterable[Any] | None = None,
     token_ids: Sequence[int] | None = None,
-    adapter: str | None = None,
+    adapter: AdapterChoice = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -108,10 +127,13 @@ def build_generate_request(
     if stop is not None:
         params.stop.extend([stop] if isinstance(stop, str) else list(stop))
     req = pb.GenerateRequest(
-        adapter_id=adapter or "", params=params,
+        adapter_id=adapter if isinstance(adapter, str) else "", params=params,
         return_logprobs=bool(logprobs or top_logprobs), top_logprobs=top_logprobs,
         request_id=request_id or "",
     )
+    if adapter is not None and not isinstance(adapter, str):  # a weighted LoRA mix
+        pairs = adapter.items() if isinstance(adapter, Mapping) else adapter
+        req.adapters.extend(pb.AdapterWeight(adapter_id=a, weight=float(w)) for a, w in pairs)
     if prompt is not None:
         req.prompt = prompt
     elif messages is not None:

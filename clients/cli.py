@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from clients._common import DEFAULT_TARGET
+from clients._common import DEFAULT_TARGET, parse_adapter
 from clients.client import AdapterServeClient
 from clients.errors import AdapterServeError, NotFoundError
 from clients.types import AdapterInfo, GenerationResult, StreamChunk, TokenLogprob, collect
@@ -129,7 +129,7 @@ def _target(args: argparse.Namespace) -> str:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "adapter": args.adapter or None, "max_new_tokens": args.max_new_tokens,
+        "adapter": parse_adapter(args.adapter), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty, "seed": args.seed,
         "stop": args.stop or None, "ignore_eos": args.ignore_eos,
@@ -515,7 +515,7 @@ def _connection_options() -> argparse.ArgumentParser:
 def _sampling_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("sampling (unset = server default)")
-    g.add_argument("-a", "--adapter", help="adapter id (default: the base model)")
+    g.add_argument("-a", "--adapter", help="adapter id, or a weighted LoRA mix ID=W,ID=W (default: the base model)")
     g.add_argument("-n", "--max-new-tokens", type=int)
     g.add_argument("-t", "--temperature", type=float, help="0 = greedy (server default)")
     g.add_argument("--top-k", type=int)

@@ -23,6 +23,7 @@ from clients._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     RETRYABLE_CODES,
+    AdapterChoice,
     PathOrBytes,
     backoff_delay,
     build_generate_request,
@@ -120,7 +121,7 @@ class AdapterServeClient:
         *,
         messages: Iterable[Any] | None = None,
         token_ids: Sequence[int] | None = None,
-        adapter: str | None = None,
+        adapter: AdapterChoice = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -138,7 +139,8 @@ class AdapterServeClient:
 
         Give exactly one of ``prompt`` (raw text), ``messages`` (chat turns as
         ``{"role": ..., "content": ...}`` dicts, rendered with the model's chat template) or
-        ``token_ids``. ``adapter`` is a registered adapter id (None = the base model).
+        ``token_ids``. ``adapter`` is a registered adapter id (None = the base model), or a weighted
+        mix of LoRA adapters: ``{"a": 0.5, "b": -1.0}``.
         Sampling arguments left as None take the server's defaults (greedy,
         ``--default-max-new-tokens``). ``top_logprobs`` (0..20) alternatives per token imply
         ``logprobs``. Raises an :class:`~clients.errors.AdapterServeError` subclass on failure.
@@ -156,7 +158,7 @@ class AdapterServeClient:
         *,
         messages: Iterable[Any] | None = None,
         token_ids: Sequence[int] | None = None,
-        adapter: str | None = None,
+        adapter: AdapterChoice = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,

@@ -2,7 +2,7 @@
 
 Enum values become lower-case strings: finish reasons ``"length" | "stop" | "eos" |
 "cancelled"`` (``""`` when unset), adapter types ``"lora" | "prompt_tuning" | "p_tuning" |
-"prefix_tuning"``, adapter states ``"registered" | "resident" | "merged" | "draining"``.
+"prefix_tuning" | "dora" | "ia3" | "ln_tuning"``, adapter states ``"registered" | "resident" | "merged" | "draining"``.
 Every type converts to plain dicts with :func:`dataclasses.asdict` (the CLI's ``--json``).
 """
 

@@ -165,3 +165,27 @@ def make_peft_adapter(base_dir: str | Path, out_dir: str | Path, kind: str, seed
     out = Path(out_dir)
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+@torch.no_grad()
+def peft_mix_reference(base_dir: str | Path, parts: list[tuple[str | Path, float]], prompt_ids: list[int],
+                       max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and logprobs of PEFT's ``add_weighted_adapter(..., combination_type="cat")`` over
+    LoRA adapter folders with weights (one adapter: PEFT switches to "linear", which needs weight > 0)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_reference_model(base_dir), str(parts[0][0]), adapter_name="a0")
+    for i, (folder, _) in enumerate(parts[1:], start=1):
+        model.load_adapter(str(folder), adapter_name=f"a{i}")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(parts))], [w for _, w in parts], "mix",
+                               combination_type="cat")
+    model.set_adapter("mix")
+    model.eval()
+    ids, tokens, logprobs = list(prompt_ids), [], []
+    for _ in range(max_new_tokens):
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        tok = int(torch.argmax(lp))
+        tokens.append(tok)
+        logprobs.append(float(lp[tok]))
+        ids.append(tok)
+    return tokens, logprobs

@@ -74,14 +74,20 @@ class PromptLearningArgs:
     projection: bool = opt(False, "Prefix tuning: reparameterise the prefix through an MLP.")
 
 
-SFT_METHODS = ["lora", "prompt", "ptuning", "prefix"]
+# Methods that adapt the model's weights (every command can train them); SFT also trains the prompt kinds.
+WEIGHT_METHODS = ["lora", "dora", "ia3", "ln_tuning"]
+SFT_METHODS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln_tuning"]
 METHOD_OPTIONS = {  # method -> option fields that only it uses (checked when set to a non-default value)
     "lora": ["rank", "alpha", "target_modules", "dropout", "use_rslora"],
+    "dora": ["rank", "alpha", "target_modules", "dropout", "use_rslora"],
+    "ia3": [],
+    "ln_tuning": [],
     "prompt": ["num_virtual_tokens", "init_text"],
     "ptuning": ["num_virtual_tokens", "encoder", "encoder_hidden_size"],
     "prefix": ["num_virtual_tokens", "projection", "encoder_hidden_size"],
 }
-DEFAULT_LR = {"lora": 2e-4, "prompt": 3e-2, "ptuning": 3e-3, "prefix": 1e-2}
+DEFAULT_LR = {"lora": 2e-4, "prompt": 3e-2, "ptuning": 3e-3, "prefix": 1e-2, "dora": 2e-4, "ia3": 5e-3,
+              "ln_tuning": 5e-3}
 
 
 @dataclass
@@ -97,7 +103,7 @@ class SFTArgs(CommonArgs, LoraArgs, PromptLearningArgs):
 class CPTArgs(CommonArgs, LoraArgs):
     """``cpt``: continued pre-training on raw text (.txt or .jsonl {"text"}), packed, loss on all tokens."""
 
-    method: str = opt("lora", "Adapter kind to train.", choices=["lora"])
+    method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)
     packing_strategy: str = opt("wrapped", "How documents are packed into --max-length blocks (bfd_split keeps boundaries).",
                                 choices=["wrapped", "bfd_split"])
     eval_data: str | None = opt(None, "Held-out text (.txt or .jsonl): its loss is reported before and after training.")
@@ -115,6 +121,8 @@ class RewardArgs(CommonArgs, LoraArgs):
 class DPOArgs(CommonArgs, LoraArgs):
     """``dpo``: direct preference optimisation of a LoRA policy (reference = the base model)."""
 
+    method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)
+
     beta: float = opt(0.1, "DPO beta (strength of the KL anchor to the base model).")
     loss_type: str = opt("sigmoid", "DPO loss variant.", choices=["sigmoid", "hinge", "ipo", "robust"])
     eval_fraction: float = opt(0.0, "Held-out fraction of pairs evaluated at the end (0 = none).")
@@ -123,6 +131,8 @@ class DPOArgs(CommonArgs, LoraArgs):
 @dataclass
 class OnlineRLArgs(CommonArgs, LoraArgs):
     """``grpo`` / ``rloo``: online RL of a LoRA policy, rewarded by a trained reward model."""
+
+    method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)
 
     reward_model: str | None = opt(None, "Reward-model folder written by `python -m training reward`. Required.")
     num_generations: int = opt(4, "Completions sampled per prompt (the group).")
@@ -133,6 +143,8 @@ class OnlineRLArgs(CommonArgs, LoraArgs):
 
 def default_lr(command: str, method: str) -> float:
     """The learning rate used when ``--lr`` is not given."""
+    if method in ("ia3", "ln_tuning"):  # a few thousand scale parameters: the same rate for every command
+        return DEFAULT_LR[method]
     if command in ("grpo", "rloo"):
         return 1e-4
     if command in ("dpo", "reward"):

@@ -7,9 +7,10 @@ Trainer: TRL ``SFTTrainer`` on a language-modelling dataset with ``packing=True`
 
 from __future__ import annotations
 
+from training.cli import explicit_fields
 from training.config import CPTArgs, default_lr
 from training.data import read_text
-from training.methods import lora_config
+from training.methods import check_method_options, weight_method_config
 from training.runtime import (
     callbacks,
     check_options,
@@ -23,6 +24,7 @@ from training.runtime import (
 
 def run(cfg: CPTArgs) -> int:
     """Validate the text, train a LoRA on it (packed, all tokens), export and optionally register."""
+    check_method_options(cfg.method, explicit_fields(cfg))
     check_options(cfg)
     docs = read_text(cfg.data)
     eval_docs = read_text(cfg.eval_data) if cfg.eval_data else None
@@ -32,7 +34,7 @@ def run(cfg: CPTArgs) -> int:
     from trl import SFTConfig, SFTTrainer
 
     lr = cfg.lr if cfg.lr is not None else default_lr("cpt", cfg.method)
-    say(f"cpt --method lora: {len(docs)} documents, blocks of {cfg.max_length} tokens, model {run_.model_path}")
+    say(f"cpt --method {cfg.method}: {len(docs)} documents, blocks of {cfg.max_length} tokens, model {run_.model_path}")
     args = SFTConfig(
         **training_arguments(run_, lr),
         dataset_text_field="text",
@@ -48,7 +50,7 @@ def run(cfg: CPTArgs) -> int:
         train_dataset=Dataset.from_list(docs),
         eval_dataset=Dataset.from_list(eval_docs) if eval_docs else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=weight_method_config(cfg.method, cfg),
         callbacks=callbacks(run_),
     )
     before = trainer.evaluate() if eval_docs else None

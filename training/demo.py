@@ -1,6 +1,7 @@
 """``make demo``: train an SFT LoRA on the default model on this CPU, serve it, compare replies.
 
-    python -m training.demo [--steps 30] [--output runs/demo] [--skip-train] [--backend server|peft]
+    python -m training.demo [--method lora|dora|ia3|ln_tuning] [--steps 30] [--output runs/demo] [--skip-train]
+                            [--backend server|peft]
 
 The adapter learns the fixed reply format of training/data/sft.jsonl (``ANSWER: <answer>``).
 The demo then starts an adapterserve server in-process on the same base model, registers the
@@ -21,6 +22,8 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
 FORMAT_PREFIX = "ANSWER:"
+# Learning rate per --method when --lr is not given (IA3 and LN tuning train a few thousand scales).
+DEMO_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-2, "ln_tuning": 3e-2}
 
 
 def replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
@@ -119,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps (default: 30, ~1.5 min on 2 idle cores)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    parser.add_argument("--method", choices=list(DEMO_LR), default="lora", help="adapter kind to train (default: lora)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: per method, " + ", ".join(f"{k} {v:g}" for k, v in DEMO_LR.items())
+                        + ")")
     parser.add_argument("--prompts", type=int, default=8, help="held-out questions to ask (default: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="reply length (default: 24)")
     parser.add_argument("--skip-train", action="store_true", help="reuse the adapter already in --output")
@@ -136,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         started = time.perf_counter()
         code = train_main([
-            "sft", "--method", "lora", "--model", str(model_dir), "--data", str(DATA / "sft.jsonl"),
+            "sft", "--method", args.method, "--model", str(model_dir), "--data", str(DATA / "sft.jsonl"),
             "--output", str(adapter_dir), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--logging-steps", "2", "--save-steps", str(args.steps), "--seed", "0",
+            "--lr", str(args.lr if args.lr is not None else DEMO_LR[args.method]), "--logging-steps", "2", "--save-steps", str(args.steps), "--seed", "0",
         ])
         if code:
             return code

@@ -7,9 +7,10 @@ Trainer: TRL ``DPOTrainer`` with a LoRA ``peft_config``.
 
 from __future__ import annotations
 
+from training.cli import explicit_fields
 from training.config import DPOArgs, default_lr
 from training.data import holdout_split, preferences_to_trl, read_preferences
-from training.methods import lora_config
+from training.methods import check_method_options, weight_method_config
 from training.runtime import (
     callbacks,
     check_options,
@@ -23,6 +24,7 @@ from training.runtime import (
 
 def run(cfg: DPOArgs) -> int:
     """Validate the pairs, train the DPO LoRA policy, export and optionally register it."""
+    check_method_options(cfg.method, explicit_fields(cfg))
     check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
@@ -32,7 +34,7 @@ def run(cfg: DPOArgs) -> int:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    lr = cfg.lr if cfg.lr is not None else default_lr("dpo", "lora")
+    lr = cfg.lr if cfg.lr is not None else default_lr("dpo", cfg.method)
     say(f"dpo: {len(train_rows)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, model {run_.model_path}")
     args = DPOConfig(**training_arguments(run_, lr), beta=cfg.beta, loss_type=[cfg.loss_type],
                      max_length=cfg.max_length, eval_strategy="no")
@@ -42,7 +44,7 @@ def run(cfg: DPOArgs) -> int:
         train_dataset=Dataset.from_list(preferences_to_trl(train_rows, chat)),
         eval_dataset=Dataset.from_list(preferences_to_trl(eval_rows, chat)) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=weight_method_config(cfg.method, cfg),
         callbacks=callbacks(run_),
     )
     train(run_, trainer)

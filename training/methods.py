@@ -8,6 +8,11 @@ What each kind saves (``adapter_model.safetensors``), as the server reads it:
   (PEFT runs the MLP/LSTM once at save time; the encoder weights are not saved).
 - ``prefix`` (PREFIX_TUNING): ``prompt_embeddings`` [n, layers*2*kv_heads*head_dim] = the
   per-layer keys and values (after the projection MLP when ``--projection`` is on).
+- ``dora`` (LORA with ``use_dora``): LoRA's tensors plus ``.lora_magnitude_vector`` [out] per module.
+- ``ia3`` (IA3): ``.ia3_l`` per module, PEFT's defaults for the architecture (Llama: k_proj and v_proj
+  outputs, down_proj input).
+- ``ln_tuning`` (LN_TUNING): trained copies of the RMSNorm weights, ``.ln_tuning_layers.weight``
+  (PEFT's defaults for the architecture; Llama: every layer's two norms and the final norm).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from training.cli import UsageError
-from training.config import METHOD_OPTIONS, LoraArgs, PromptLearningArgs
+from training.config import METHOD_OPTIONS, WEIGHT_METHODS, LoraArgs, PromptLearningArgs
 
 
 def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM") -> Any:
@@ -30,6 +35,23 @@ def lora_config(args: LoraArgs, task_type: str = "CAUSAL_LM") -> Any:
         task_type=task_type, r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules=list(args.target_modules), use_rslora=args.use_rslora, bias="none",
     )
+
+
+def weight_method_config(method: str, args: LoraArgs) -> Any:
+    """The PEFT config of a method that adapts the weights (lora, dora, ia3, ln_tuning) for a causal LM."""
+    from peft import IA3Config, LNTuningConfig
+
+    if method == "lora":
+        return lora_config(args)
+    if method == "dora":
+        config = lora_config(args)
+        config.use_dora = True
+        return config
+    if method == "ia3":
+        return IA3Config(task_type="CAUSAL_LM")
+    if method == "ln_tuning":
+        return LNTuningConfig(task_type="CAUSAL_LM")
+    raise UsageError(f"unknown method {method!r}")
 
 
 def prompt_learning_config(method: str, args: PromptLearningArgs, tokenizer_path: str) -> Any:
@@ -74,6 +96,6 @@ def check_method_options(method: str, explicit: dict[str, Any]) -> None:
 
 def peft_config_for(method: str, args: Any, tokenizer_path: str) -> Any:
     """The PEFT config for an SFT/CPT ``--method``."""
-    if method == "lora":
-        return lora_config(args)
+    if method in WEIGHT_METHODS:
+        return weight_method_config(method, args)
     return prompt_learning_config(method, args, tokenizer_path)

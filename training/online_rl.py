@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.cli import UsageError
+from training.cli import UsageError, explicit_fields
 from training.config import OnlineRLArgs, default_lr
 from training.data import prompts_to_trl, read_prompts
-from training.methods import lora_config
+from training.methods import check_method_options, weight_method_config
 from training.runtime import (
     callbacks,
     check_options,
@@ -62,6 +62,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
     """Validate prompts and reward model, train the policy with GRPO or RLOO, export/register it."""
     if not cfg.reward_model:
         raise UsageError("--reward-model is required (a folder written by `python -m training reward`)")
+    check_method_options(cfg.method, explicit_fields(cfg))
     check_options(cfg)
     prompts = read_prompts(cfg.data)
     reward_model_base(cfg.reward_model)
@@ -72,7 +73,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
                          f"--num-generations ({cfg.num_generations})")
     run_, tokenizer = start_model_run(cfg, command)
     chat = tokenizer.chat_template is not None
-    common = training_arguments(run_, cfg.lr if cfg.lr is not None else default_lr(command, "lora"))
+    common = training_arguments(run_, cfg.lr if cfg.lr is not None else default_lr(command, cfg.method))
     reward_model, reward_tokenizer = load_reward_model(cfg.reward_model, common["model_init_kwargs"]["dtype"])
 
     from datasets import Dataset
@@ -96,7 +97,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
         train_dataset=Dataset.from_list(prompts_to_trl(prompts, chat)),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=weight_method_config(cfg.method, cfg),
         callbacks=callbacks(run_),
     )
     train(run_, trainer)

@@ -11,13 +11,17 @@ Threads: built on an API thread; its parts' residency changes on the engine thre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.adapters.entry import AdapterEntry
 
 
 @dataclass(eq=False)
 class AdapterMix:
     """Implements server.ports.AdapterRef for a weighted list of LoRA entries."""
 
-    parts: tuple[tuple[object, float], ...]  # (AdapterEntry of a LORA adapter, weight)
+    parts: tuple[tuple[AdapterEntry, float], ...]  # (entry of a LORA adapter, weight)
 
     @property
     def adapter_id(self) -> str:

@@ -233,7 +233,7 @@ REGISTER_ERRORS = [
     ("no source", {}, grpc.StatusCode.INVALID_ARGUMENT, "source"),
     ("merge prefix", {"path": "prefix", "merge": True}, grpc.StatusCode.FAILED_PRECONDITION, "merge"),
     ("merge ln", {"path": "ln", "merge": True}, grpc.StatusCode.FAILED_PRECONDITION,
-     "merge: only LORA, DORA and IA3 adapters can be merged, not LN_TUNING"),
+     "merge: only LORA, DORA, IA3 adapters can be merged, not LN_TUNING"),
 ]
 
 

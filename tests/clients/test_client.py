@@ -299,3 +299,13 @@ def _wait_for(predicate, timeout=2.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_weighted_mix_requests_and_cli_adapter_syntax():
+    from clients._common import build_generate_request, parse_adapter
+
+    req = build_generate_request("hi", adapter={"a": 0.5, "b": -1.0})
+    assert req.adapter_id == "" and [(p.adapter_id, p.weight) for p in req.adapters] == [("a", 0.5), ("b", -1.0)]
+    assert build_generate_request("hi", adapter="a").adapter_id == "a"
+    assert parse_adapter("a=0.5,b=-1") == {"a": 0.5, "b": -1.0}
+    assert parse_adapter("poet") == "poet" and parse_adapter("") is None

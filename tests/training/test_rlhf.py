@@ -98,3 +98,23 @@ def test_grpo_refuses_a_policy_adapter_as_reward_model(tiny, data_dir, tmp_path,
     code = run_cli("grpo", "--model", tiny, "--reward-model", policy, "--data", data_dir / "prompts.jsonl",
                    "--output", tmp_path / "g")
     assert code == 2 and "not a reward model (SEQ_CLS)" in capsys.readouterr().err
+
+
+def test_cpt_and_dpo_train_the_other_weight_methods(tiny, data_dir, tmp_path):
+    """--method reaches cpt and dpo (grpo/rloo share dpo's config path): folders the server parses as those kinds."""
+    from server.adapters.formats import AdapterKind, AdapterLimits, load_adapter_dir
+    from server.model.weights import read_model_args
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"hello world {i}, the lazy dog."}) for i in range(12)) + "\n")
+    runs = {
+        "ln_tuning": ("cpt", "--data", data, "--max-length", 32),
+        "ia3": ("dpo", "--data", data_dir / "prefs.jsonl"),
+        "dora": ("cpt", "--data", data, "--max-length", 32),
+    }
+    for method, (command, *extra) in runs.items():
+        out = tmp_path / method
+        train_ok(command, "--method", method, "--model", tiny, "--output", out, "--max-steps", 2, "--save-steps",
+                 1000, *extra)
+        spec = load_adapter_dir(out, read_model_args(tiny), AdapterLimits())
+        assert spec.kind == AdapterKind[method.upper()]

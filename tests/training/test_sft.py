@@ -14,6 +14,9 @@ METHOD_ARGS = {
     "prompt": ["--num-virtual-tokens", 4, "--lr", 1e-1],
     "ptuning": ["--num-virtual-tokens", 4, "--encoder", "MLP", "--encoder-hidden-size", 32, "--lr", 1e-2],
     "prefix": ["--num-virtual-tokens", 4, "--projection", "--encoder-hidden-size", 32, "--lr", 1e-2],
+    "dora": ["--rank", 8, "--alpha", 16, "--lr", 3e-3],
+    "ia3": ["--lr", 5e-2],
+    "ln_tuning": ["--lr", 5e-2],
 }
 
 
@@ -58,6 +61,13 @@ def test_saved_tensors_are_what_the_server_reads(trained, tiny):
     assert config["peft_type"] == "LORA" and config["r"] == 8 and not config.get("modules_to_save")
     assert json.loads((trained["ptuning"] / "adapter_config.json").read_text())["peft_type"] == "P_TUNING"
     assert json.loads((trained["prefix"] / "adapter_config.json").read_text())["prefix_projection"] is True
+    dora = load_file(trained["dora"] / "adapter_model.safetensors")
+    assert sum(k.endswith(".lora_magnitude_vector") for k in dora) == len(dora) // 3
+    assert json.loads((trained["dora"] / "adapter_config.json").read_text())["use_dora"] is True
+    ia3 = load_file(trained["ia3"] / "adapter_model.safetensors")  # PEFT's Llama default: k, v out; down in
+    assert {k.split(".")[-2] for k in ia3} == {"k_proj", "v_proj", "down_proj"}
+    ln = load_file(trained["ln_tuning"] / "adapter_model.safetensors")
+    assert len(ln) == 2 * layers + 1 and all(k.endswith("ln_tuning_layers.weight") for k in ln)
 
 
 def test_metrics_records_have_step_and_loss(trained):
