@@ -219,6 +219,18 @@ class LoraBatch:
         self._lora_rows, self._bsz = lora_rows, len(row_slots)
         self._indices: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    # A LoraBatch alone is a LoRA-only step (server.model.llama.AdapterRows with identity hooks).
+    row_hooks = False
+
+    def plain_lora(self) -> LoraBatch:
+        return self
+
+    def norm_weight(self, layer: int, group: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def scale_input(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def _gather_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gather [U*M]: source row of each padded position, back [B]: padded position of each row),
         built on first use: steps that go by blocks never need them."""

@@ -46,6 +46,18 @@ class AdapterBatch:
         self.undo = undo  # None: no merged DoRA / IA3, or only its own rows
         self.correction = correction  # the merged LoRA / DoRA low-rank delta other rows subtract, or None
 
+    @property
+    def row_hooks(self) -> bool:
+        """Whether this step needs the norm / input-scale / output-affine hooks (IA3, LN, DoRA rows, or a
+        merged DoRA / IA3): the fused-kernel forward, which only calls `apply`, cannot take such a step."""
+        return self.own is not None or self.undo is not None
+
+    def plain_lora(self) -> LoraBatch | None:
+        """The step's LoraBatch when that is all the step holds (what a CUDA graph replays), else None."""
+        if self.own is None and self.undo is None and self.correction is None and isinstance(self.lora, LoraBatch):
+            return self.lora
+        return None
+
     def norm_weight(self, layer: int, group: str, weight: torch.Tensor) -> torch.Tensor:
         """The RMSNorm weight of `group` ("attn_norm", "mlp_norm"; "norm" at layer L): [H] or per row [B, 1, H]."""
         if self.own is None:

@@ -71,9 +71,11 @@ class DecodeGraphs:
             return False
         if bucket_for(step.input_ids.shape[0], self.buckets) is None:
             return False
-        lora = step.lora
-        if lora is None:
+        if step.lora is None:
             return True
+        lora = step.lora.plain_lora() if hasattr(step.lora, "plain_lora") else step.lora
+        if lora is None:  # per-row math beyond plain LoRA (other kinds, mixes, a merged adapter): eager
+            return False
         if not getattr(lora, "active", False):
             return getattr(lora, "merged", None) is None
         return getattr(lora, "merged", None) is None and getattr(lora, "kernel", None) is not None
@@ -82,7 +84,7 @@ class DecodeGraphs:
         """Logits [B, V] float32 of a decode step, replayed from its bucket's graph."""
         rows = step.input_ids.shape[0]
         bucket = bucket_for(rows, self.buckets)
-        lora = step.lora
+        lora = step.lora.plain_lora() if step.lora is not None else None
         slots = lora.slots if lora is not None and lora.active else None
         g = self._graph(bucket, cache, slots)
         width = step.block_tables.shape[1]

@@ -33,6 +33,12 @@ class AdapterRows(Protocol):
     def scale_input(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
         """The input x [B, S, in] of projection `group`, as the projection should see it per row."""
 
+    # True when norm_weight / scale_input / output scales matter this step (the kernel path skips them).
+    row_hooks: bool
+
+    def plain_lora(self):
+        """The step's plain LoraBatch when it holds nothing else (a CUDA graph can replay it), else None."""
+
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Finish the fused projection output out [B, S, out] of `group` of `layer` in place (LoRA
         deltas, output scales); x [B, S, in] is the projection's input before scale_input."""
@@ -190,7 +196,9 @@ class LlamaRuntime:
     def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Run one batch step; return logits [B, V] (float32) at each row's last new token,
         or [B, S, V] for every position when `all_logits`."""
-        if self.use_kernels:  # the CUDA path: fused Triton kernels, decode steps replayed as CUDA graphs
+        # The CUDA path: fused Triton kernels, decode steps replayed as CUDA graphs. Steps with per-row
+        # norm weights or scales (IA3, LN tuning, DoRA rows) take the torch path below.
+        if self.use_kernels and (step.lora is None or not step.lora.row_hooks):
             if self.graphs is not None and not all_logits and self.graphs.can_run(step, cache):
                 return self.graphs.run(step, cache)
             return kernel_forward(self, step, cache, all_logits)

@@ -227,7 +227,7 @@ REGISTER_ROWS = [
     # other client statuses
     ("merge_prompt", lambda files: pb.RegisterAdapterRequest(adapter_id="m", files=pb.AdapterFiles(
         config_json=json.dumps(files["prompt"][0]).encode(), safetensors=st_save(files["prompt"][1])), merge=True),
-     PRECONDITION, "merge: only LORA adapters can be merged"),
+     PRECONDITION, "merge: only LORA, DORA, IA3 adapters can be merged, not PROMPT_TUNING"),
     ("exists", by_path("ok", adapter_id="ok"), EXISTS, "adapter_id 'ok' is already registered"),
 ]
 

@@ -20,6 +20,7 @@ import torch
 
 from server.adapters.errors import AdapterFormatError
 from server.adapters.kinds.base import BaseWeights, VectorKey, fused_vector
+from server.adapters.patterns import TargetModules
 from server.model.config import LINEAR_MODULES, ModelArgs
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.ia3_l(?:\.[A-Za-z0-9_-]+)?")
@@ -67,21 +68,12 @@ def check_config(config: dict) -> None:
         raise AdapterFormatError("feedforward_modules must be a string or a list of strings")
 
 
-def is_feedforward(config: dict, module_path: str) -> bool:
-    """PEFT's rule: a regex full match (string) or a suffix match (list)."""
-    ff = config.get("feedforward_modules") or []
-    if isinstance(ff, str):
-        try:
-            return re.fullmatch(ff, module_path) is not None
-        except re.error as e:
-            raise AdapterFormatError(f"feedforward_modules is an invalid pattern: {e}") from None
-    return any(module_path.endswith(k) for k in ff)
-
-
 def parse(tensors: dict[str, torch.Tensor], config: dict, model: ModelArgs) -> Ia3Weights:
     """Validate the ``ia3_l`` tensors against the base model and the config."""
     vectors: dict[tuple[int, str], torch.Tensor] = {}
     feedforward = set()
+    # PEFT's rule (a regex full match, or names the path ends with), bounded in time: client input.
+    ff_modules = TargetModules("feedforward_modules", config.get("feedforward_modules"))
     for key, t in tensors.items():
         short = key[:160]
         m = _KEY.fullmatch(key)
@@ -96,7 +88,7 @@ def parse(tensors: dict[str, torch.Tensor], config: dict, model: ModelArgs) -> I
         if layer >= model.num_layers:
             raise AdapterFormatError(f"IA3 targets layer {layer} but the base model has {model.num_layers} layers")
         out_f, in_f = model.linear_shape(name)
-        ff = is_feedforward(config, module)
+        ff = ff_modules.matches(module)
         want = (1, in_f) if ff else (out_f, 1)
         if tuple(t.shape) != want:
             role = "feed-forward (input) vector [1, in]" if ff else "output vector [out, 1]"
