@@ -129,3 +129,23 @@ def test_a_merged_adapter_cannot_be_mixed(start_server, tiny_llama, mix_root, mi
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == ("adapters[1].adapter_id: 'm1' is merged into the base weights; "
                                    "a merged adapter cannot be mixed")
+
+
+def test_the_http_api_takes_the_same_mix_as_an_extra_body_field(start_server, tiny_llama, mix_root, mix_refs):
+    import openai
+
+    from tests.http.conftest import free_port
+
+    prompt, refs = mix_refs
+    srv = start_server(tiny_llama, adapter_root=str(mix_root), http_port=free_port())
+    for name in ("m1", "m2"):
+        srv.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=name, path=name))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.app.http_port}/v1", api_key="none", max_retries=0,
+                           timeout=60)
+    mix = [{"adapter_id": a, "weight": w} for a, w in MIXES["two"]]
+    out = client.completions.create(model="", prompt=prompt, max_tokens=N_NEW, temperature=0,
+                                    extra_body={"adapters": mix, "ignore_eos": True})
+    assert out.choices[0].text == srv.gen.Generate(_mix_request(prompt, MIXES["two"]), timeout=60).text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m1", prompt=prompt, max_tokens=2, extra_body={"adapters": mix})
+    assert "adapters: mutually exclusive with adapter_id" in str(err.value)

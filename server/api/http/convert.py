@@ -95,6 +95,12 @@ def _samples(template: pb.GenerateRequest, body: _Sampling, prompt_index: int) -
     return out
 
 
+def _add_mix(req: pb.GenerateRequest, body: _Sampling) -> None:
+    """The body's ``adapters`` extra (a weighted LoRA mix) onto the request; the core validates it."""
+    for part in body.adapters or []:
+        req.adapters.append(pb.AdapterWeight(adapter_id=part.adapter_id, weight=part.weight))
+
+
 def chat_requests(body: ChatCompletionRequest, adapter_id: str, request_id: str) -> list[pb.GenerateRequest]:
     """The n GenerateRequests of a chat completion (the messages are templated by the core)."""
     _common_checks(body)
@@ -107,6 +113,7 @@ def chat_requests(body: ChatCompletionRequest, adapter_id: str, request_id: str)
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only type 'text' is supported")
     req = pb.GenerateRequest(adapter_id=adapter_id, request_id=request_id, params=_params(body))
+    _add_mix(req, body)
     if not body.messages:
         raise _refuse("messages", "must hold at least one message")
     for i, m in enumerate(body.messages):
@@ -149,6 +156,7 @@ def completion_requests(body: CompletionRequest, adapter_id: str, request_id: st
     out: list[pb.GenerateRequest] = []
     for i, prompt in enumerate(prompts):
         req = pb.GenerateRequest(adapter_id=adapter_id, request_id=request_id, params=_params(body))
+        _add_mix(req, body)
         if isinstance(prompt, str):
             req.prompt = prompt
         else:

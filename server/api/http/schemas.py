@@ -22,6 +22,13 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class AdapterWeightBody(_Body):
+    """One LoRA adapter of a weighted mix (adapterserve's extra, as GenerateRequest.adapters)."""
+
+    adapter_id: str
+    weight: float = 1.0
+
+
 class _Sampling(_Body):
     """Fields chat and legacy completions share (vLLM's extras included)."""
 
@@ -44,6 +51,8 @@ class _Sampling(_Body):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    # adapterserve extra: a weighted mix of LoRA adapters (with `model` = the base model)
+    adapters: list[AdapterWeightBody] | None = None
 
 
 class ContentPart(_Body):
