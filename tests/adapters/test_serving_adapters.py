@@ -80,6 +80,8 @@ def test_each_kind_equals_peft_and_differs_from_base(server, references, kind):
     prompts, refs = references
     info = register(server, kind)
     assert info.type == TYPES[kind]
+    label = pb.AdapterType.Name(TYPES[kind]).lower()  # the metrics' type label: dora, ia3, ln_tuning, ...
+    assert server.app.metrics.registry.get_sample_value("adapterserve_adapters_registered", {"type": label}) == 1
     for p, ref in zip(prompts, refs[kind], strict=True):
         resp = gen(server, p, kind)
         assert_matches(resp, ref)
