@@ -97,7 +97,7 @@ def test_bad_yaml(tmp_path, capsys, content, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "lora", "--init-text", "hi"], "--init-text applies to --method prompt, not lora"),
-    (["--method", "prompt", "--rank", "4"], "--rank applies to --method lora, not prompt"),
+    (["--method", "prompt", "--rank", "4"], "--rank applies to --method lora|dora, not prompt"),
     (["--method", "prefix", "--encoder", "LSTM"], "--encoder applies to --method ptuning, not prefix"),
     ([], "--data is required"),
     (["--data", "x.jsonl"], "--output is required"),
