@@ -76,7 +76,8 @@ class ServerApp:
             kv_cache_tokens=cfg.kv_cache_tokens, page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics,
             watchdog_seconds=cfg.watchdog_seconds)
-        self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens)
+        self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens,
+                                            max_bottleneck_width=cfg.max_bottleneck_width)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None

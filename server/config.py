@@ -76,6 +76,8 @@ class ServerConfig:
     adapter_memory_bytes: int = _opt(2 * 1024**3, "Device memory budget for resident adapter weights.", "adapters")
     max_lora_rank: int = _opt(64, "Largest LoRA rank accepted at registration.", "adapters")
     max_virtual_tokens: int = _opt(128, "Most virtual tokens accepted for prompt/prefix adapters.", "adapters")
+    max_bottleneck_width: int = _opt(256, "Widest bottleneck adapter layer (hidden_size / reduction_factor) "
+                                     "accepted at registration.", "adapters")
     max_adapters_per_request: int = _opt(4, "Most LoRA adapters one request may mix (GenerateRequest.adapters).",
                                          "adapters")
     lora_threads: int = _opt(1, "CPU threads for the small LoRA matmuls of decode steps (0 = --threads); "
@@ -97,7 +99,7 @@ class ServerConfig:
         """Raise :class:`ConfigError` naming the first invalid flag."""
         positive = ["kv_cache_tokens", "kv_page_tokens", "max_batch_size", "max_queue",
                     "default_max_new_tokens", "max_prefill_tokens", "max_resident_adapters",
-                    "max_lora_rank", "max_virtual_tokens", "max_adapters_per_request", "metrics_max_adapter_labels", "max_message_bytes"]
+                    "max_lora_rank", "max_virtual_tokens", "max_bottleneck_width", "max_adapters_per_request", "metrics_max_adapter_labels", "max_message_bytes"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")

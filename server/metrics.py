@@ -31,7 +31,7 @@ PREFIX = "adapterserve_"
 BASE_LABEL = "_base"
 OTHER_LABEL = "_other"
 
-ADAPTER_TYPES = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "dora", "ia3", "ln_tuning")
+ADAPTER_TYPES = ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "dora", "ia3", "ln_tuning", "bottleneck")
 PHASES = ("prefill", "decode")
 APIS = ("grpc", "http")
 GRPC_STATUS_NAMES = frozenset(

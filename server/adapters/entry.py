@@ -16,7 +16,7 @@ import torch
 from server.adapters.formats import AdapterKind, AdapterSpec
 
 # Kinds that take a device slot (LoRA weights and/or row vectors), and those that can be merged.
-SLOT_KINDS = (AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3, AdapterKind.LN_TUNING)
+SLOT_KINDS = (AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3, AdapterKind.LN_TUNING, AdapterKind.BOTTLENECK)
 MERGEABLE = (AdapterKind.LORA, AdapterKind.DORA, AdapterKind.IA3)
 
 

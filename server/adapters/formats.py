@@ -1,8 +1,9 @@
 """Read PEFT adapters (``save_pretrained`` folders) into plain float32 tensors the engine can serve.
 
 Accepted: ``adapter_config.json`` + ``adapter_model.safetensors`` for LORA (DoRA too), PROMPT_TUNING, P_TUNING,
-PREFIX_TUNING, IA3 and LN_TUNING on the base model described by ``ModelArgs`` (the newer kinds' formats live
-in server/adapters/kinds/). Pickle checkpoints are refused without being
+PREFIX_TUNING, IA3 and LN_TUNING on the base model described by ``ModelArgs``, and AdapterHub's
+``save_adapter`` folders (``adapter_config.json`` + ``adapter.safetensors``) of bottleneck adapters (the
+newer kinds' formats live in server/adapters/kinds/). Pickle checkpoints are refused without being
 opened. Anything that would change the math beyond what the engine computes (DoRA, trained biases,
 ``modules_to_save``, LoRA on embeddings, ...) is refused with a message naming the feature.
 
@@ -43,7 +44,7 @@ from server.adapters.config_fields import (
 )
 from server.adapters.errors import AdapterFormatError, AdapterPathError
 from server.adapters.host_buffers import SPARE_BUFFERS
-from server.adapters.kinds import dora, ia3, ln_tuning
+from server.adapters.kinds import bottleneck, dora, ia3, ln_tuning
 from server.adapters.patterns import PatternTable, TargetModules, shown
 from server.adapters.safetensors_file import MAX_HEADER_BYTES, WEIGHTS_NAME, name_shown, read_header
 from server.model.config import LINEAR_MODULES, ModelArgs
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 CONFIG_NAME = "adapter_config.json"
+ADAPTERHUB_WEIGHTS_NAME = "adapter.safetensors"  # AdapterHub's SAFE_WEIGHTS_NAME
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PATH_CHARS = 1024  # a RegisterAdapter path; each component at most NAME_MAX (255 bytes)
@@ -95,6 +97,7 @@ class AdapterKind(str, Enum):
     DORA = "DORA"  # peft_type LORA with use_dora
     IA3 = "IA3"
     LN_TUNING = "LN_TUNING"
+    BOTTLENECK = "BOTTLENECK"  # AdapterHub's SeqBn / DoubleSeqBn (no peft_type: AdapterHub's own format)
 
 
 # Kinds whose rows go through the batched LoRA slots (mixable: LORA only).
@@ -108,6 +111,7 @@ class AdapterLimits:
 
     max_lora_rank: int = 64
     max_virtual_tokens: int = 128
+    max_bottleneck_width: int = 256
 
 
 @dataclass
@@ -218,12 +222,15 @@ def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits
         raise AdapterPathError("adapter folder does not exist")
     root = None if root is None else Path(root).resolve()
     weights_path, config_path = folder / WEIGHTS_NAME, folder / CONFIG_NAME
+    if not _exists(weights_path) and _exists(folder / ADAPTERHUB_WEIGHTS_NAME):
+        weights_path = folder / ADAPTERHUB_WEIGHTS_NAME  # AdapterHub's save_adapter(..., use_safetensors=True)
     if not _exists(weights_path):
         pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
             raise AdapterFormatError(
                 f"adapter folder holds {pickles[0][:120]} but no {WEIGHTS_NAME}: safetensors only, "
-                "pickle checkpoints are never opened (save with safe_serialization=True)"
+                "pickle checkpoints are never opened (save with safe_serialization=True; AdapterHub: "
+                f"save_adapter(..., use_safetensors=True) writes {ADAPTERHUB_WEIGHTS_NAME})"
             )
         raise AdapterFormatError(f"adapter folder has no {WEIGHTS_NAME}")
     if not _exists(config_path):
@@ -231,7 +238,7 @@ def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits
     config_json = _read_capped(config_path, root, MAX_CONFIG_BYTES, f"{CONFIG_NAME} is larger than 1 MiB")
     cap = max_adapter_file_bytes(model, limits)
     weights = _read_weights_file(weights_path, root, cap,
-                                 f"{WEIGHTS_NAME} is larger than any adapter within the limits "
+                                 f"{weights_path.name} is larger than any adapter within the limits "
                                  f"(max_lora_rank={limits.max_lora_rank}, "
                                  f"max_virtual_tokens={limits.max_virtual_tokens}: {cap} bytes)")
     return load_adapter_files(config_json, weights, model, limits)
@@ -243,8 +250,10 @@ def load_adapter_files(
     """Parse and validate an adapter given as the bytes of its two files (the weights may come as a
     uint8 tensor already, as :func:`load_adapter_dir` reads them)."""
     config = _parse_config(config_json)
-    kind = _adapter_kind(config)
-    if kind in LORA_KINDS:
+    kind = AdapterKind.BOTTLENECK if bottleneck.is_adapterhub_config(config) else _adapter_kind(config)
+    if kind == AdapterKind.BOTTLENECK:
+        bottleneck.check_config(config, model)
+    elif kind in LORA_KINDS:
         _check_lora_config(config)
     elif kind == AdapterKind.IA3:
         ia3.check_config(config)
@@ -272,6 +281,9 @@ def load_adapter_files(
     elif kind == AdapterKind.LN_TUNING:
         weights = ln_tuning.parse(tensors, config, model)
         spec = AdapterSpec(kind, weights, target_modules=weights.target_modules)
+    elif kind == AdapterKind.BOTTLENECK:
+        weights = bottleneck.parse(tensors, config, model, limits.max_bottleneck_width)
+        spec = AdapterSpec(kind, weights, rank=weights.width, target_modules=weights.target_modules)
     elif kind == AdapterKind.PREFIX_TUNING:
         weights = _prefix_weights(tensors, config, model, limits)
         spec = AdapterSpec(kind, weights, num_virtual_tokens=weights.keys.shape[2])
@@ -292,7 +304,10 @@ def max_adapter_file_bytes(model: ModelArgs, limits: AdapterLimits) -> int:
     lora = model.num_layers * per_layer
     prompt = limits.max_virtual_tokens * model.hidden_size
     prefix = limits.max_virtual_tokens * model.num_layers * 2 * model.num_kv_heads * model.head_dim
-    return 8 * max(lora, prompt, prefix) + MAX_HEADER_BYTES
+    # Bottleneck: down, up and their biases at the widest width, after attention and the MLP, + scaling.
+    width = limits.max_bottleneck_width
+    bn = model.num_layers * 2 * (2 * width * model.hidden_size + width + 2 * model.hidden_size)
+    return 8 * max(lora, prompt, prefix, bn) + MAX_HEADER_BYTES
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -356,10 +371,11 @@ def _adapter_kind(config: dict) -> AdapterKind:
     peft_type = config.get("peft_type")
     if not peft_type:
         raise AdapterFormatError(f"{CONFIG_NAME} has no peft_type")
-    if peft_type not in AdapterKind.__members__ or peft_type == AdapterKind.DORA.value:
+    not_peft = (AdapterKind.DORA, AdapterKind.BOTTLENECK)
+    if peft_type not in AdapterKind.__members__ or peft_type in not_peft:
         raise AdapterFormatError(
             f"unsupported peft_type {peft_type[:40]}; supported: "
-            f"{', '.join(k.value for k in AdapterKind if k != AdapterKind.DORA)}"
+            f"{', '.join(k.value for k in AdapterKind if k not in not_peft)}"
         )
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):

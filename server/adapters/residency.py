@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from server.adapters.base_weights import RuntimeBaseWeights
+from server.adapters.bottleneck_batch import BottleneckBatch, BottleneckSlots
 from server.adapters.entry import SLOT_KINDS, AdapterCapacityError, AdapterEntry, AdapterPreconditionError
 from server.adapters.formats import LORA_KINDS, AdapterFormatError, AdapterKind, PrefixWeights, PromptWeights
 from server.adapters.kinds import row_vector_kind
@@ -53,6 +54,7 @@ class Residency:
         self._merged: MergedAdapter | None = None
         self.base = RuntimeBaseWeights(runtime, lambda: self._merged_backup)  # weights as loaded, never merged
         self.vectors = VectorSlots(self.base, max_resident, runtime.device, runtime.dtype)  # DoRA, IA3, LN rows
+        self.bottlenecks = BottleneckSlots(runtime.args, max_resident, runtime.device, runtime.dtype)
 
     # ------------------------------------------------------------------ from the catalog
     def install(self, entry: AdapterEntry, old: AdapterEntry | None) -> None:
@@ -143,7 +145,10 @@ class Residency:
             lora_rows.append([(slot, 1.0)] if slot is not None and e.kind in LORA_KINDS else [])
             vector_rows.append(slot + 1 if slot is not None and e.vectors else 0)
         merged_rows = [e is not None and e is self.merged_entry for e in entries]
-        return build_step(self.slots, self.vectors, lora_rows, vector_rows, self._merged, merged_rows)
+        bn_rows = [e.slot if isinstance(e, AdapterEntry) and e.kind == AdapterKind.BOTTLENECK and e.slot is not None
+                   else -1 for e in entries]
+        bn = BottleneckBatch(self.bottlenecks, bn_rows) if any(s >= 0 for s in bn_rows) else None
+        return build_step(self.slots, self.vectors, lora_rows, vector_rows, self._merged, merged_rows, bn)
 
     # ------------------------------------------------------------------ room
     def _held(self, old: AdapterEntry | None) -> list[AdapterEntry]:
@@ -205,6 +210,8 @@ class Residency:
                 self.slots.load(entry.slot, entry.spec.weights.modules)
             if entry.vectors:
                 self.vectors.load(entry.slot, entry.vectors)
+            if entry.kind == AdapterKind.BOTTLENECK:
+                self.bottlenecks.load(entry.slot, entry.spec.weights)
         else:
             k, v = entry.host_prefix
             entry.prefix = (k.to(self.runtime.device, self.runtime.dtype), v.to(self.runtime.device, self.runtime.dtype))
@@ -220,6 +227,7 @@ class Residency:
         if entry.slot is not None:
             self.slots.clear(entry.slot)
             self.vectors.clear(entry.slot)
+            self.bottlenecks.clear(entry.slot)
             self._free_slots.append(entry.slot)
             entry.slot = None
         entry.prefix = None

@@ -6,7 +6,10 @@ Per fused projection of each layer, in this order (see server.adapters.kinds.bas
    subtract its low-rank delta (a merged LoRA or DoRA) from what the merged weight saw;
 2. LoRA: every LoRA / DoRA row adds s*B*A*x for its slot, a weighted mix adds sum_i w_i*s_i*B_i*A_i*x
    (see LoraBatch);
-3. each row's own output scale and shift (IA3 attention targets, DoRA's m/‖W+sBA‖).
+3. each row's own output scale and shift (IA3 attention targets, DoRA's m/‖W+sBA‖);
+
+and after each sub-layer (attention, MLP), before its output joins the residual stream, bottleneck
+rows add their adapter's layer (server.adapters.bottleneck_batch).
 
 The projection input is scaled before the matmul (IA3 feed-forward targets; a merged IA3 undone),
 and the RMSNorm weights are per row when an LN-tuning row is in the step. A step without rows of a
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.bottleneck_batch import BottleneckBatch
 from server.adapters.lora_batch import LoraBatch, LoraSlots, MergedCorrection, WeightedLoraBatch
 from server.adapters.row_vectors import VectorSlots
 
@@ -40,11 +44,13 @@ class AdapterBatch:
     """LoRA rows, row vectors of the resident adapters, and the merged adapter's undo, for one step."""
 
     def __init__(self, lora: LoraBatch | WeightedLoraBatch | None, own: RowVectorIndex | None,
-                 undo: RowVectorIndex | None, correction: MergedCorrection | None = None):
+                 undo: RowVectorIndex | None, correction: MergedCorrection | None = None,
+                 bottleneck: BottleneckBatch | None = None):
         self.lora = lora  # None: no LoRA rows
         self.own = own  # None: no row of this step has row vectors
         self.undo = undo  # None: no merged DoRA / IA3, or only its own rows
         self.correction = correction  # the merged LoRA / DoRA low-rank delta other rows subtract, or None
+        self.bottleneck = bottleneck  # None: no bottleneck rows
 
     @property
     def row_hooks(self) -> bool:
@@ -91,6 +97,12 @@ class AdapterBatch:
         if self.own is not None:
             self._affine(self.own, layer, group, out)
 
+    def block_output(self, layer: int, site: str, residual: torch.Tensor, out: torch.Tensor) -> None:
+        """Finish the output out [B, S, H] of sub-layer `site` ("attn", "mlp") in place before it is added
+        to the residual stream residual [B, S, H] (bottleneck adapters)."""
+        if self.bottleneck is not None:
+            self.bottleneck.apply(layer, site, residual, out)
+
     @staticmethod
     def _affine(index: RowVectorIndex, layer: int, group: str, out: torch.Tensor) -> None:
         scale = index.rows(layer, group, "out")
@@ -110,11 +122,13 @@ class MergedAdapter:
 
 
 def build_step(slots: LoraSlots, vectors: VectorSlots, lora_rows: list[list[tuple[int, float]]],
-               vector_rows: list[int], merged: MergedAdapter | None, merged_rows: list[bool]) -> AdapterBatch | None:
+               vector_rows: list[int], merged: MergedAdapter | None, merged_rows: list[bool],
+               bottleneck: BottleneckBatch | None = None) -> AdapterBatch | None:
     """One step's AdapterBatch, or None when every row is the base model (and nothing is merged).
 
     `lora_rows[i]`: row i's (LoRA slot, weight) entries; `vector_rows[i]`: its VectorSlots slot + 1
-    (0: none); `merged_rows[i]`: whether row i is the merged adapter's own (it needs no undo).
+    (0: none); `merged_rows[i]`: whether row i is the merged adapter's own (it needs no undo);
+    `bottleneck`: the step's bottleneck rows, if any.
     """
     device = slots.device
     correction, undo = None, None
@@ -130,6 +144,6 @@ def build_step(slots: LoraSlots, vectors: VectorSlots, lora_rows: list[list[tupl
     elif any(lora_rows):
         lora = LoraBatch(slots, [r[0][0] if r else -1 for r in lora_rows], None)
     own = RowVectorIndex(vectors, torch.tensor(vector_rows, device=device)) if any(vector_rows) else None
-    if lora is None and own is None and undo is None and correction is None:
+    if lora is None and own is None and undo is None and correction is None and bottleneck is None:
         return None
-    return AdapterBatch(lora, own, undo, correction)
+    return AdapterBatch(lora, own, undo, correction, bottleneck)

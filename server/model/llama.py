@@ -24,7 +24,8 @@ from server.model.weights import ModelWeights
 
 class AdapterRows(Protocol):
     """One step's per-row adapter hooks (server.adapters.step_batch.AdapterBatch): every adapter kind
-    acts through these three, at each fused projection ("qkv", "o", "gate_up", "down") and norm."""
+    acts through these hooks: at each fused projection ("qkv", "o", "gate_up", "down"), each norm, and each
+    sub-layer output ("attn", "mlp") before the residual add."""
 
     def norm_weight(self, layer: int, group: str, weight: torch.Tensor) -> torch.Tensor:
         """The RMSNorm weight for `group` ("attn_norm", "mlp_norm"; "norm" at layer num_layers):
@@ -42,6 +43,10 @@ class AdapterRows(Protocol):
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Finish the fused projection output out [B, S, out] of `group` of `layer` in place (LoRA
         deltas, output scales); x [B, S, in] is the projection's input before scale_input."""
+
+    def block_output(self, layer: int, site: str, residual: torch.Tensor, out: torch.Tensor) -> None:
+        """Finish the output out [B, S, H] of sub-layer `site` ("attn", "mlp") of `layer` in place, just
+        before it is added to the residual stream `residual` [B, S, H] (bottleneck adapters)."""
 
 
 
@@ -243,6 +248,7 @@ class LlamaRuntime:
             out = proj["o"](attn if lora is None else lora.scale_input(i, "o", attn))
             if lora is not None:
                 lora.apply(i, "o", attn, out)
+                lora.block_output(i, "attn", x, out)
             x = x + out
             norm_w = layer.mlp_norm if lora is None else lora.norm_weight(i, "mlp_norm", layer.mlp_norm)
             h = rms_norm(x, norm_w, a.rms_norm_eps)
@@ -254,6 +260,7 @@ class LlamaRuntime:
             down = proj["down"](act if lora is None else lora.scale_input(i, "down", act))
             if lora is not None:
                 lora.apply(i, "down", act, down)
+                lora.block_output(i, "mlp", x, down)
             x = x + down
         norm_w = w.norm if lora is None else lora.norm_weight(a.num_layers, "norm", w.norm)  # [H] or [B, 1, H]
         if all_logits:

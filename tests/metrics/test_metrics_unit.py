@@ -202,6 +202,7 @@ def test_engine_and_adapter_families(metrics):
         "dora": 0,
         "ia3": 0,
         "ln_tuning": 0,
+        "bottleneck": 0,
     }
     assert {t: value(m, "adapterserve_adapters_resident", type=t) for t in ADAPTER_TYPES} == {
         "lora": 2,
@@ -211,6 +212,7 @@ def test_engine_and_adapter_families(metrics):
         "dora": 0,
         "ia3": 0,
         "ln_tuning": 0,
+        "bottleneck": 0,
     }
     m.set_adapter_counts({"lora": 1}, {})  # every type is set each time: prefix_tuning back to 0
     assert value(m, "adapterserve_adapters_registered", type="prefix_tuning") == 0

@@ -25,6 +25,7 @@ class AdapterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DORA: _ClassVar[AdapterType]
     IA3: _ClassVar[AdapterType]
     LN_TUNING: _ClassVar[AdapterType]
+    BOTTLENECK: _ClassVar[AdapterType]
 
 class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ PREFIX_TUNING: AdapterType
 DORA: AdapterType
 IA3: AdapterType
 LN_TUNING: AdapterType
+BOTTLENECK: AdapterType
 ADAPTER_STATE_UNSPECIFIED: AdapterState
 REGISTERED: AdapterState
 RESIDENT: AdapterState
