@@ -240,7 +240,8 @@ def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits
     weights = _read_weights_file(weights_path, root, cap,
                                  f"{weights_path.name} is larger than any adapter within the limits "
                                  f"(max_lora_rank={limits.max_lora_rank}, "
-                                 f"max_virtual_tokens={limits.max_virtual_tokens}: {cap} bytes)")
+                                 f"max_virtual_tokens={limits.max_virtual_tokens}, "
+                                 f"max_bottleneck_width={limits.max_bottleneck_width}: {cap} bytes)")
     return load_adapter_files(config_json, weights, model, limits)
 
 

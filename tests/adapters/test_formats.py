@@ -357,7 +357,7 @@ def test_bad_files_refused(llama, saved, mutate, fragment):
 
 def test_oversized_weights_refused_before_reading(llama, saved, monkeypatch):
     monkeypatch.setattr(formats, "MAX_HEADER_BYTES", 0)  # cap = exactly the float64 bytes within the limits
-    tiny = AdapterLimits(max_lora_rank=1, max_virtual_tokens=1)
+    tiny = AdapterLimits(max_lora_rank=1, max_virtual_tokens=1, max_bottleneck_width=1)
     for load in (lambda: load_adapter_dir(saved["lora"], model_args(llama), tiny),
                  lambda: load_adapter_files(*[(saved["lora"] / n).read_bytes() for n in
                                               ("adapter_config.json", "adapter_model.safetensors")],
