@@ -7,6 +7,7 @@ adapters) in PEFT's format, serves them, and reports throughput ratios:
 server with 8 LoRA adapters / the same server base-only; / PEFT mixed-batch generate(adapter_names=);
 / PEFT set_adapter + generate per request; a merged adapter / base; register latency; 1 -> 8 -> 64 adapters;
 8 DoRA, 8 IA3, 8 LN-tuning adapters, 8 weighted mixes of 2 LoRAs, and one load with a request of every kind.
+8 bottleneck adapters (AdapterHub SeqBn / Pfeiffer, reduction factor 16) next to 8 LoRA in the same rounds.
 """
 
 from __future__ import annotations
@@ -81,6 +82,36 @@ def _randomized(key: str, v: torch.Tensor, kind: str, gen: torch.Generator) -> t
     if any(s in key for s in ("lora_magnitude_vector", "ia3_l", "ln_tuning_layers")):
         return v * (1 + 0.02 * torch.randn(v.shape, generator=gen))
     return torch.randn(v.shape, generator=gen) * (0.02 if kind in ("lora", "dora") else 0.5)
+
+
+def build_bottlenecks(folder: Path, out: Path, count: int, reduction_factor: int = 16) -> list[str]:
+    """Write `count` Pfeiffer bottleneck adapters in AdapterHub's ``save_adapter`` format (the layout
+    server/adapters/kinds/bottleneck.py reads; made without the reference venv so the bench runs anywhere)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    width = hidden // reduction_factor
+    config = {"config": {"mh_adapter": False, "output_adapter": True, "reduction_factor": reduction_factor,
+                         "non_linearity": "relu", "original_ln_before": True, "original_ln_after": True,
+                         "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False,
+                         "ln_after": False, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+                         "inv_adapter": None, "phm_layer": False},
+              "hidden_size": hidden, "model_type": cfg.get("model_type", "llama"), "name": "bn", "type": "text_task"}
+    made = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(5000 + i)
+        target = out / f"bottleneck-{i}"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "adapter_config.json").write_text(json.dumps(config))
+        tensors = {}
+        for layer in range(layers):
+            p = f"model.layers.{layer}.output_adapters.adapters.bn."
+            tensors[p + "adapter_down.0.weight"] = torch.randn(width, hidden, generator=gen) * 0.02
+            tensors[p + "adapter_down.0.bias"] = torch.zeros(width)
+            tensors[p + "adapter_up.weight"] = torch.randn(hidden, width, generator=gen) * 0.02
+            tensors[p + "adapter_up.bias"] = torch.zeros(hidden)
+        save_file(tensors, str(target / "adapter.safetensors"))
+        made.append(target.name)
+    return made
 
 
 def register(target: str, adapter_id: str, path: str, merge: bool = False) -> float:
@@ -178,30 +209,31 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
     n_lora = max(8, *scaling)
     names = build_adapters(folder, root, n_lora, 4, 4, args.rank)
+    bottlenecks = build_bottlenecks(folder, root, 8)
     loras = [n for n in names if n.startswith("lora")]
     others = [n for n in names if n.startswith(("prompt", "prefix"))]
     by_kind = {k: [n for n in names if n.startswith(k + "-")] for k in ("dora", "ia3", "ln")}
     mixes = [f"{loras[i]}=1,{loras[(i + 1) % 8]}=0.5" for i in range(8)]  # 8 mixes of 2 LoRAs each
 
     server = ServerProcess("--model", args.model, "--adapter-root", str(root), "--max-batch-size",
-                           str(args.requests), "--max-resident-adapters", str(n_lora + 40),
+                           str(args.requests), "--max-resident-adapters", str(n_lora + 48),
                            "--log-level", "WARNING", threads=threads)
     results: dict[str, float] = {}
     try:
         reg_ms = []
-        for n in loras + others + sum(by_kind.values(), []):  # one at a time on an idle server, as an operator registers them
+        for n in loras + others + sum(by_kind.values(), []) + bottlenecks:  # one at a time on an idle server, as an operator registers them
             reg_ms.append(register(server.target, n, n))
             time.sleep(0.2)
         results["register p50 ms (rank-16 LoRA)"] = statistics.median(reg_ms[:len(loras)])
         # Warm-up: every adapter of the measured loads has served a request before timing starts.
         kinds = sum(by_kind.values(), [])
-        asyncio.run(run_load(server.target, prompts, [""] + loras[:max(scaling)] + others + kinds + mixes, 4,
+        asyncio.run(run_load(server.target, prompts, [""] + loras[:max(scaling)] + others + kinds + mixes + bottlenecks, 4,
                              len(prompts)))
         every = ["", loras[0], others[0], others[-1], by_kind["dora"][0], by_kind["ia3"][0], by_kind["ln"][0],
                  mixes[0]]
         loads = {"base only": [""], "8 LoRA": loras[:8], "8 LoRA + 4 prompt + 4 prefix": loras[:8] + others,
                  "8 DoRA": by_kind["dora"], "8 IA3": by_kind["ia3"], "8 LN tuning": by_kind["ln"],
-                 "8 mixes of 2 LoRA": mixes, "every kind (base, LoRA, prompt, prefix, DoRA, IA3, LN, mix)": every}
+                 "8 mixes of 2 LoRA": mixes, "8 bottleneck (Pfeiffer, rf 16)": bottlenecks, "every kind (base, LoRA, prompt, prefix, DoRA, IA3, LN, mix)": every}
         loads.update({f"{n} LoRA adapters": loras[:n] for n in scaling if n != 8})
         results.update(interleaved(server.target, prompts, loads, args.max_new_tokens, args.repeats))
         results.update(merged_rounds(server.target, prompts, loras[0], args.max_new_tokens, args.repeats))
@@ -221,6 +253,8 @@ def main() -> None:
           f"LoRA rank {args.rank} on {', '.join(LINEAR)}, torch threads={threads}, medians of {args.repeats}\n")
     print(markdown_table(rows))
     lora8 = results["8 LoRA"]
+    bn8 = results["8 bottleneck (Pfeiffer, rf 16)"]
+    print(f"\n8 bottleneck / base-only: {bn8 / base:.2f}x   8 bottleneck / 8 LoRA (same rounds): {bn8 / lora8:.2f}x")
     print(f"\n8 LoRA / base-only: {lora8 / base:.2f}x   8 LoRA / PEFT mixed batch: {lora8 / mixed:.2f}x   "
           f"8 LoRA / PEFT per request: {lora8 / per_request:.2f}x")
     print(f"IA3 / base: {results['8 IA3'] / base:.2f}x (target >= 0.95)   LN tuning / base: "
