@@ -7,10 +7,11 @@ MLP), one entry per resident slot, zero-padded to the widest resident bottleneck
 ``down`` meet zero rows of ``up``. A slot without a layer at a place holds zeros there too, but its
 rows are left out of that place's matmuls.
 
-Per step, rows are grouped by slot (the engine sorts them); at each place only the rows of adapters
-with a layer there take part: their inputs are gathered, run through two batched matmuls (``baddbmm``
-with the slot's weights) and the activation of their adapter, and the result is added into the
-sub-layer output with one ``index_add_``. A step without bottleneck rows issues none of these ops.
+Per step, at each place only the rows of adapters with a layer there take part: their inputs and
+their slots' weights are gathered (``index_select``, one entry per row), run through two batched
+matmuls (``baddbmm``) and the activation of their adapter, and the result is added into the sub-layer
+output with one ``index_add_``. A step without bottleneck rows issues none of these ops. The tables
+hold every slot at the widest resident width, outside ``--adapter-memory-bytes`` (as the LoRA slots).
 
 Threads: engine thread only.
 """
