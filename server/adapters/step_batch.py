@@ -54,13 +54,15 @@ class AdapterBatch:
 
     @property
     def row_hooks(self) -> bool:
-        """Whether this step needs the norm / input-scale / output-affine hooks (IA3, LN, DoRA rows, or a
-        merged DoRA / IA3): the fused-kernel forward, which only calls `apply`, cannot take such a step."""
-        return self.own is not None or self.undo is not None
+        """Whether this step needs the norm / input-scale / output-affine / block-output hooks (IA3, LN, DoRA,
+        bottleneck rows, or a merged DoRA / IA3): the fused-kernel forward, which only calls `apply`, cannot
+        take such a step."""
+        return self.own is not None or self.undo is not None or self.bottleneck is not None
 
     def plain_lora(self) -> LoraBatch | None:
         """The step's LoraBatch when that is all the step holds (what a CUDA graph replays), else None."""
-        if self.own is None and self.undo is None and self.correction is None and isinstance(self.lora, LoraBatch):
+        if (self.own is None and self.undo is None and self.correction is None and self.bottleneck is None
+                and isinstance(self.lora, LoraBatch)):
             return self.lora
         return None
 
