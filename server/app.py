@@ -74,8 +74,8 @@ class ServerApp:
         self.engine = Engine(
             self.model.runtime, self.model.tokenizer, self.residency, self.adapters, commands,
             kv_cache_tokens=cfg.kv_cache_tokens, page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size,
-            max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, metrics=self.metrics,
-            watchdog_seconds=cfg.watchdog_seconds)
+            max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, prefix_cache=cfg.prefix_cache == "on",
+            kv_allocation=cfg.kv_allocation, metrics=self.metrics, watchdog_seconds=cfg.watchdog_seconds)
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens,
                                             max_bottleneck_width=cfg.max_bottleneck_width)
         self.port: int | None = None
@@ -104,7 +104,8 @@ class ServerApp:
                 max_batch_size=c.max_batch_size, max_queue=c.max_queue, default_max_new_tokens=c.default_max_new_tokens,
                 max_top_logprobs=MAX_TOP_LOGPROBS, max_lora_rank=c.max_lora_rank,
                 max_virtual_tokens=c.max_virtual_tokens, max_resident_adapters=c.max_resident_adapters,
-                max_adapters_per_request=c.max_adapters_per_request),
+                max_adapters_per_request=c.max_adapters_per_request, prefix_cache=c.prefix_cache == "on",
+                max_prefill_tokens=c.max_prefill_tokens),
         )
 
     def _preload(self, servicer: AdapterServicer) -> None:

@@ -65,7 +65,13 @@ class ServerConfig:
     max_queue: int = _opt(256, "Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.", "engine")
     max_context: int = _opt(0, "Longest prompt + completion in tokens (0 = the model's own limit).", "engine")
     default_max_new_tokens: int = _opt(256, "max_new_tokens when a request leaves it unset.", "engine")
-    max_prefill_tokens: int = _opt(4096, "Most prompt tokens prefilled in one step.", "engine")
+    max_prefill_tokens: int = _opt(512, "Most prompt tokens computed in one step: longer prompts are prefilled in "
+                                   "chunks, one batch of chunks per step between decode steps.", "engine")
+    prefix_cache: str = _opt("on", "Reuse the KV pages of earlier prompts with the same leading tokens and adapter.",
+                             "engine", choices=["on", "off"])
+    kv_allocation: str = _opt("on-demand", "on-demand: KV pages as sequences grow, preempting the newest request "
+                              "when they run out; reserve: prompt + max_new_tokens at admission (no preemption).",
+                              "engine", choices=["on-demand", "reserve"])
     watchdog_seconds: float = _opt(60.0, "An engine step running longer than this marks the engine failed: health "
                                    "NOT_SERVING, waiting and new requests UNAVAILABLE (0 = no limit; a dead engine "
                                    "thread is always detected).", "engine")

@@ -173,7 +173,8 @@ class ServerMetrics:
             self.api_ttft.labels(api=api)
         self.queue_wait = Histogram(
             p + "queue_wait_seconds",
-            "Time a request waited before first admission.",
+            "Time a request waited for admission; one observation per admission (a preempted request's "
+            "wait to re-admission is observed again).",
             buckets=QUEUE_BUCKETS,
             registry=r,
         )
@@ -205,6 +206,16 @@ class ServerMetrics:
         )
         self.preemptions = Counter(
             p + "preemptions_total", "Running sequences preempted to free KV cache.", registry=r
+        )
+        self.prefix_cache_tokens = Counter(
+            p + "prefix_cache_tokens_total",
+            "Known tokens of admitted requests by adapter: reused from the prefix cache (hit) or computed "
+            "(miss). A request re-admitted after a preemption counts again.",
+            ["adapter", "result"],
+            registry=r,
+        )
+        self.prefix_cache_pages = Gauge(
+            p + "prefix_cache_pages", "KV pages the prefix cache holds (in use or idle).", registry=r
         )
         # -- adapters
         self.adapters_registered = Gauge(
@@ -314,7 +325,7 @@ class ServerMetrics:
             self.tpot.labels(adapter=adapter).observe(tpot_s)
 
     def observe_queue_wait(self, seconds: float) -> None:
-        """Observe how long one request waited before it was first admitted to the running batch."""
+        """Observe one wait for admission to the running batch (first admission or after a preemption)."""
         self.queue_wait.observe(seconds)
 
     # ------------------------------------------------------------------ engine
@@ -338,6 +349,16 @@ class ServerMetrics:
     def preempted(self) -> None:
         """Count one running sequence preempted to free KV cache."""
         self.preemptions.inc()
+
+    def prefix_cache_lookup(self, adapter_id: str, hits: int, misses: int) -> None:
+        """Count one admission's tokens reused from the prefix cache (hits) and to compute (misses)."""
+        adapter = self.adapter_label(adapter_id)
+        self.prefix_cache_tokens.labels(adapter=adapter, result="hit").inc(hits)
+        self.prefix_cache_tokens.labels(adapter=adapter, result="miss").inc(misses)
+
+    def set_prefix_cache_pages(self, pages: int) -> None:
+        """Set the number of KV pages the prefix cache holds."""
+        self.prefix_cache_pages.set(pages)
 
     # ---------------------------------------------------------------- adapters
     def set_adapter_counts(self, registered: Mapping[str, int] | None = None,

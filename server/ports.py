@@ -86,6 +86,10 @@ class AdapterResidency(Protocol):
         """Device K/V [L, H_kv, n, D] written before the prompt, or None."""
         ...
 
+    def kv_namespace(self, ref: AdapterRef | None) -> tuple:
+        """What K/V of `ref`'s rows (None: base) depend on besides the tokens (the prefix cache's namespace)."""
+        ...
+
     def lora_delta(self, refs: Sequence[AdapterRef | None]) -> AdapterRows | None:
         """Per-row adapter math for one step's rows (None = base row; a mix holds several LoRA adapters)."""
         ...

@@ -132,6 +132,18 @@ class Residency:
     def prefix_kv(self, entry: AdapterEntry | AdapterMix) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if isinstance(entry, AdapterMix) else entry.prefix
 
+    def kv_namespace(self, entry: AdapterEntry | AdapterMix | None) -> tuple:
+        """What the K/V of `entry`'s rows (None: base rows) depend on besides their tokens: the prefix
+        cache's namespace. The key is new at every registration (replace included); the virtual-token
+        count places the prompt; the merged adapter changes the base weights every row computes with."""
+        m = self.merged_entry
+        merged = None if m is None else (m.adapter_id, m.key)
+        if entry is None:
+            return ("base", merged)
+        if isinstance(entry, AdapterMix):  # a weighted LoRA mix: every part's registration and weight
+            return ("mix", tuple((e.adapter_id, e.key, w) for e, w in entry.parts), merged)
+        return ("adapter", entry.adapter_id, entry.key, entry.num_virtual_tokens, merged)
+
     def lora_delta(self, entries: Sequence[AdapterEntry | AdapterMix | None]) -> AdapterBatch | None:
         """The step's per-row adapter math (server.model.llama.AdapterRows); None for an all-base step."""
         lora_rows: list[list[tuple[int, float]]] = []

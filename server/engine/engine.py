@@ -1,9 +1,34 @@
-"""The step loop: one thread admits waiting requests, prefills them, and decodes every running
-sequence together, one token per step (continuous batching: requests join and leave at any step).
+"""The step loop: one thread admits waiting requests and advances every running sequence each step
+(continuous batching: requests join and leave at any step).
 
-Data path of one request through this file: ``submit`` -> waiting queue -> ``_admit`` (KV pages,
-adapter slot, prefix KV) -> ``_prefill`` -> ``_decode`` (repeated) -> ``_finish`` (pages freed,
-adapter released, FinishEvent emitted).
+Data path of one request through this file: ``submit`` -> waiting queue -> ``_admit`` (adapter slot,
+KV pages: reused prefix-cache pages + fresh ones, prefix KV) -> ``_forward`` (repeated: prompt
+chunks, then one token per step) -> ``_finish`` (pages released, adapter released, FinishEvent).
+
+**One mechanism for every row.** A running request knows its tokens (prompt + generated) and how
+many KV entries are computed (``cached``, adapter prefix included). Each step gives a row a span
+(``start = cached``, ``n`` new entries): a prompt chunk, the one decode token, or the recompute of
+prompt + generated tokens after a preemption. A row whose span reaches its last known token samples
+the next one. ``_prefill`` and ``_decode`` are no longer twins: both are ``_forward``.
+
+**Chunked prefill, one batch of chunks per step.** A step runs at most one prefill forward (rows of
+at most ``--max-prefill-tokens`` entries, rows x longest chunk within that budget, oldest first) and
+then one decode forward of every row waiting for its next token. The two are separate forwards
+because the model takes padded [B, S] batches: a 512-entry chunk in the decode forward would pad
+every decode row to 512 too. So a long prompt delays running streams by one chunk per step instead
+of its whole prefill (vLLM and SGLang mix both in one ragged forward; padding makes that a loss here).
+
+**Pages on demand, preemption by recompute.** Admission gives a request pages for the entries it
+knows now; a decode row takes a page when its next entry crosses a page boundary. When none is
+free, the most recently admitted running request is preempted: its pages are released (full ones
+stay in the prefix cache), it goes back to the head of the queue and recomputes its tokens when
+re-admitted. Its sampler RNG, text and emitted tokens live on the request, so its output and stream
+are those of an unpreempted run. ``--kv-allocation reserve`` keeps the older policy (prompt +
+max_new_tokens reserved at admission, never preempted) as a measured baseline.
+
+**Prefix cache** (``server.engine.prefix_cache``): full pages keyed by adapter + tokens, reused at
+admission for a request's leading blocks; see that module for what the key holds.
+
 
 Threads of the process, and what each may touch:
 
@@ -26,6 +51,7 @@ Threads of the process, and what each may touch:
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -35,9 +61,12 @@ from typing import TypeVar
 import torch
 
 from server.engine.commands import CommandQueue
+from server.engine.detokenizer import finish_reason, take_text
+from server.engine.kv_pages import PagePool
+from server.engine.prefix_cache import PrefixCache, block_key, root_key
 from server.engine.request import ErrorEvent, FinishEvent, FinishReason, Request, TokenEvent
 from server.engine.sampler import sample
-from server.engine.scheduler import PageAllocator, WaitingQueue
+from server.engine.scheduler import WaitingQueue
 from server.metrics import ServerMetrics
 from server.model.llama import PagedKVCache, StepInput
 from server.model.tokenizer import Tokenizer
@@ -58,8 +87,8 @@ class Engine:
 
     def __init__(self, runtime: ModelRuntime, tokenizer: Tokenizer, adapters: AdapterResidency,
                  releaser: AdapterReleaser, commands: CommandQueue, *, kv_cache_tokens: int, page_size: int,
-                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, metrics: ServerMetrics | None = None,
-                 watchdog_seconds: float = 0.0):
+                 max_batch_size: int, max_queue: int, max_prefill_tokens: int, prefix_cache: bool = True,
+                 kv_allocation: str = "on-demand", metrics: ServerMetrics | None = None, watchdog_seconds: float = 0.0):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.adapters = adapters  # residency: engine thread only
@@ -67,7 +96,12 @@ class Engine:
         self.commands = commands
         self.metrics = metrics
         num_pages = max(1, kv_cache_tokens // page_size)
-        self.allocator = PageAllocator(num_pages, page_size)
+        self.prefix_cache = PrefixCache() if prefix_cache else None
+        self.allocator = PagePool(num_pages, page_size, self.prefix_cache)
+        self.reserve = kv_allocation == "reserve"
+        # Admission keeps this many pages free for the running rows' growth (no admit-then-preempt churn).
+        self.growth_pages = max(1, num_pages // 64)
+        self._admissions = itertools.count(1)
         self.cache = PagedKVCache(runtime.args, num_pages, page_size, runtime.dtype, runtime.device)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -204,19 +238,18 @@ class Engine:
         self.commands.run_pending()
         self._drop_cancelled()
         admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)  # each chunk is guarded on its own
         if self.running:
-            self._guarded(self._decode, list(self.running))
+            self._step()  # each forward is guarded on its own
         self._report()
         return admitted
 
-    def _guarded(self, step: Callable[[list[Request]], None], batch: list[Request]) -> None:
+    def _guarded(self, forward: Callable[[list[tuple[Request, int]], str], None], rows: list[tuple[Request, int]],
+                 phase: str) -> None:
         try:
-            step(batch)
+            forward(rows, phase)
         except Exception as e:  # a broken step fails its rows, never the server
             log.exception("engine step failed")
-            for r in batch:
+            for r, _ in rows:
                 if not r.finished:
                     self._fail(r, "INTERNAL", f"engine step failed: {type(e).__name__}: {e}")
 
@@ -227,7 +260,10 @@ class Engine:
             self._finish(r, FinishReason.CANCELLED)
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into the batch while KV pages, batch rows and adapter slots allow."""
+        """Move waiting requests into the batch while KV pages, batch rows and adapter slots allow.
+
+        FIFO on memory: when the head does not fit, later requests do not overtake it (a preempted
+        request is put back at the head, so it is re-admitted first)."""
         admitted: list[Request] = []
         room = self.max_batch_size - len(self.running)
         for r in self.waiting.snapshot():
@@ -247,15 +283,22 @@ class Engine:
             if r.adapter is not None and hit is None:
                 continue  # every adapter slot is busy with running requests: wait, don't fail
             r.prefix_len = r.adapter.num_virtual_tokens if r.adapter is not None else 0
-            pages = self.allocator.allocate(self.allocator.pages_for(r.total_tokens_needed))
-            if pages is None:
+            if not self._take_pages(r):
                 if r.adapter is not None:
                     self.adapters.deactivate(r.adapter)
-                break  # FIFO on memory: later requests don't overtake a big one forever
-            r.pages = pages
-            r.admitted_at = time.perf_counter()
-            if hit is not None and self.metrics is not None:
-                self.metrics.adapter_cache(hit)  # once per admitted request
+                break
+            now = time.perf_counter()
+            first = r.admitted_at is None
+            if first:
+                r.admitted_at = now
+                if hit is not None and self.metrics is not None:
+                    self.metrics.adapter_cache(hit)  # once per request
+            wait = now - r.waiting_since
+            r.queue_s += wait
+            r.waiting_since = None
+            r.admit_order = next(self._admissions)
+            if self.metrics is not None:
+                self.metrics.observe_queue_wait(wait)  # once per admission: preempted waits count too
             try:
                 self._write_prefix(r)
             except Exception as e:  # fail this request alone; its pages and adapter are released
@@ -264,18 +307,61 @@ class Engine:
                 self.running.append(r)  # so _release also deactivates the adapter
                 self._fail(r, "INTERNAL", f"adapter prefix could not be written: {type(e).__name__}: {e}")
                 continue
+            self._publish(r)
             admitted.append(r)
             room -= 1
         self.waiting.remove(admitted)
         self.running.extend(admitted)
-        if self.metrics is not None:
-            for r in admitted:
-                self.metrics.observe_queue_wait(r.admitted_at - r.submitted_at)
         return admitted
 
+    def _take_pages(self, r: Request) -> bool:
+        """Give `r` pages for every KV entry it knows of (all it may ever need with --kv-allocation
+        reserve), reusing the prefix cache's pages for its leading full blocks. False: no room now."""
+        pool, size = self.allocator, self.allocator.page_size
+        known = r.prefix_len + r.num_tokens  # KV entries to hold now (prefix + prompt + generated so far)
+        r.block_keys, r.published = [], 0
+        r.namespace = self.adapters.kv_namespace(r.adapter)
+        hits: list[int] = []
+        if self.prefix_cache is not None:  # at least the last token is computed (its logits are needed)
+            hits = self.prefix_cache.match(self._block_keys(r, (known - 1) // size))
+        needed = pool.pages_for(r.total_tokens_needed if self.reserve else known) - len(hits)
+        pool.share(hits)
+        floor = self.growth_pages if self.running and not self.reserve else 0
+        fresh = pool.allocate(needed) if pool.available - needed >= floor else None
+        if fresh is None:
+            pool.release(hits)
+            return False
+        r.pages = hits + fresh
+        r.cached = len(hits) * size
+        if self.metrics is not None:
+            reused = max(0, r.cached - r.prefix_len)
+            self.metrics.prefix_cache_lookup(r.adapter.adapter_id if r.adapter is not None else "",
+                                             reused, r.num_tokens - reused)
+        return True
+
+    def _block_keys(self, r: Request, n: int) -> list[bytes]:
+        """Prefix-cache keys of r's first `n` full blocks (extends r.block_keys as needed)."""
+        size = self.allocator.page_size
+        while len(r.block_keys) < n:
+            b = len(r.block_keys)
+            parent = r.block_keys[-1] if r.block_keys else root_key(r.namespace)
+            lo = max(0, b * size - r.prefix_len)  # the block's real tokens; virtual entries are in the namespace
+            hi = max(lo, (b + 1) * size - r.prefix_len)
+            r.block_keys.append(block_key(parent, r.tokens(lo, hi)))
+        return r.block_keys[:n]
+
+    def _publish(self, r: Request) -> None:
+        """Offer r's newly completed full pages to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        full = r.cached // self.allocator.page_size
+        for b, key in enumerate(self._block_keys(r, full)[r.published:], start=r.published):
+            self.prefix_cache.publish(key, r.pages[b])
+        r.published = max(r.published, full)
+
     def _write_prefix(self, r: Request) -> None:
+        """Write the adapter's virtual-token K/V entries that the prefix cache did not provide."""
         prefix = self.adapters.prefix_kv(r.adapter) if r.adapter is not None else None
-        r.cached = 0
         if prefix is None:
             r.prefix_len = 0
             return
@@ -283,71 +369,108 @@ class Engine:
         n = keys.shape[2]
         if n != r.prefix_len:
             raise RuntimeError(f"pages were reserved for {r.prefix_len} prefix entries, the adapter has {n}")
-        table = torch.tensor([r.pages], device=self.runtime.device)
-        slots = self.cache.slots(table, torch.arange(n, device=self.runtime.device)[None])[0]
-        self.cache.write_prefix(keys, values, slots)
-        r.prefix_len = r.cached = n
+        if r.cached >= n:
+            return  # every virtual entry came from the prefix cache
+        dev = self.runtime.device
+        table = torch.tensor([r.pages], device=dev)
+        index = torch.arange(r.cached, n, device=dev)
+        slots = self.cache.slots(table, index[None])[0]
+        self.cache.write_prefix(keys[:, :, r.cached:], values[:, :, r.cached:], slots)
+        r.cached = n
 
     def _block_tables(self, batch: list[Request]) -> torch.Tensor:
         width = max(len(r.pages) for r in batch)
         rows = [r.pages + [r.pages[0]] * (width - len(r.pages)) for r in batch]
         return to_device(rows, self.runtime.device)  # [B, P]
 
-    def _prefill(self, admitted: list[Request]) -> None:
-        # Split into chunks whose padded size fits --max-prefill-tokens (at least one request each).
-        admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
-        chunk: list[Request] = []
-        for r in admitted:
-            longest = max([len(x.prompt_ids) for x in chunk] + [len(r.prompt_ids)])
-            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
-                self._guarded(self._prefill_chunk, chunk)
-                chunk = []
-            chunk.append(r)
-        if chunk:
-            self._guarded(self._prefill_chunk, chunk)
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> None:
+        """Grow decode rows by a page where needed (preempting), run one prefill chunk batch, then one decode."""
+        decode = [r for r in self.running if r.prefix_len + r.num_tokens - r.cached == 1]
+        self._grow(decode)
+        prefill = self._prefill_rows()
+        if prefill:
+            self._guarded(self._forward, prefill, "prefill")
+        decode = [(r, 1) for r in decode if r in self.running and not r.finished]
+        if decode:
+            self._guarded(self._forward, decode, "decode")
 
-    def _prefill_chunk(self, batch: list[Request]) -> None:
-        batch = sorted(batch, key=_lora_slot)  # rows grouped by adapter slot, as in _decode
-        t0 = time.perf_counter()
-        dev = self.runtime.device
-        seq = max(len(r.prompt_ids) for r in batch)
-        ids = torch.zeros((len(batch), seq), dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        step = StepInput(
-            start=torch.tensor([r.cached for r in batch], device=dev),
-            lengths=torch.tensor([len(r.prompt_ids) for r in batch], device=dev),
-            block_tables=self._block_tables(batch),
-            input_ids=ids.to(dev),
-            lora=self.adapters.lora_delta([r.adapter for r in batch]),
-        )
-        logits = self.runtime.forward(step, self.cache)  # [B, V]
-        for r in batch:
-            r.cached += len(r.prompt_ids)
-        self._sample_and_emit(batch, logits)
+    def _grow(self, rows: list[Request]) -> None:
+        """Allocate the page each decode row's next entry needs; when none is left, preempt the most
+        recently admitted running request (possibly the row itself) until it fits. The oldest request
+        always fits alone (admission refuses any that could not), so some row always progresses."""
+        pool = self.allocator
+        for r in sorted(rows, key=lambda x: x.admit_order):
+            while r in self.running and pool.pages_for(r.cached + 1) > len(r.pages):
+                page = pool.allocate(1)
+                if page is not None:
+                    r.pages += page
+                else:
+                    self._preempt(max(self.running, key=lambda x: x.admit_order))
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's pages and put it back at the head of the queue; it recomputes prompt + output later
+        (its sampler RNG, text and emitted tokens stay, so its output and stream are unchanged)."""
+        self.running.remove(r)
+        self.allocator.release(r.pages)  # its full pages stay in the prefix cache: recompute may reuse them
+        r.cached = 0
+        if r.adapter is not None:
+            self.adapters.deactivate(r.adapter)
+        r.preemptions += 1
+        r.waiting_since = time.perf_counter()
+        self.waiting.put_front(r)
         if self.metrics is not None:
-            self.metrics.observe_step("prefill", len(batch), time.perf_counter() - t0)
+            self.metrics.preempted()
 
-    def _decode(self, batch: list[Request]) -> None:
-        batch = sorted((r for r in batch if not r.finished), key=_lora_slot)  # rows grouped by adapter slot
-        if not batch:
-            return
+    def _prefill_rows(self) -> list[tuple[Request, int]]:
+        """Rows with more than one entry to compute, oldest first, each a chunk of at most
+        --max-prefill-tokens, while rows x longest chunk stays within --max-prefill-tokens."""
+        rows: list[tuple[Request, int]] = []
+        longest = 0
+        for r in sorted(self.running, key=lambda x: x.admit_order):
+            pending = r.prefix_len + r.num_tokens - r.cached
+            if pending <= 1:
+                continue
+            n = min(pending, self.max_prefill_tokens)
+            if rows and max(longest, n) * (len(rows) + 1) > self.max_prefill_tokens:
+                break
+            rows.append((r, n))
+            longest = max(longest, n)
+        return rows
+
+    def _forward(self, rows: list[tuple[Request, int]], phase: str) -> None:
+        """One forward over rows that each add n entries at their `cached` index: prefill chunks,
+        decode tokens and recompute after preemption alike. Rows that reach their last known token
+        sample the next one."""
+        rows = sorted(rows, key=lambda x: _lora_slot(x[0]))  # rows grouped by adapter slot (batched LoRA)
+        batch = [r for r, _ in rows]
         t0 = time.perf_counter()
         dev = self.runtime.device
+        width = max(n for _, n in rows)
+        ids = []
+        for r, n in rows:
+            first = r.cached - r.prefix_len
+            ids.append(r.tokens(first, first + n) + [0] * (width - n))
         step = StepInput(
             start=to_device([r.cached for r in batch], dev),
-            lengths=torch.ones(len(batch), dtype=torch.long, device=dev),
+            lengths=to_device([n for _, n in rows], dev),
             block_tables=self._block_tables(batch),
-            input_ids=to_device([[r.output_ids[-1]] for r in batch], dev),
+            input_ids=to_device(ids, dev),  # [B, S]
             lora=self.adapters.lora_delta([r.adapter for r in batch]),
         )
         logits = self.runtime.forward(step, self.cache)  # [B, V]
-        for r in batch:
-            r.cached += 1
-        self._sample_and_emit(batch, logits)
-        self.steps += 1
+        done = []
+        for i, (r, n) in enumerate(rows):
+            r.cached += n
+            self._publish(r)
+            if r.cached == r.prefix_len + r.num_tokens:
+                done.append(i)
+        if done:
+            self._sample_and_emit([batch[i] for i in done], logits[done] if len(done) < len(batch) else logits)
+        if phase == "decode":
+            self.steps += 1
         if self.metrics is not None:
-            self.metrics.observe_step("decode", len(batch), time.perf_counter() - t0)
+            self.metrics.observe_step(phase, len(batch), time.perf_counter() - t0)
 
     def _sample_and_emit(self, batch: list[Request], logits: torch.Tensor) -> None:
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
@@ -369,35 +492,10 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = now
             r.output_ids.append(tok)
-            reason = None
-            if tok in self.tokenizer.eos_token_ids and not r.sampling.ignore_eos:
-                reason = FinishReason.EOS
-            delta_reason = self._detokenize(r)
-            reason = delta_reason or reason
-            if reason is None and len(r.output_ids) >= r.sampling.max_new_tokens:
-                reason = FinishReason.LENGTH
-            end = len(r.text) if reason is not None else len(r.text) - _held_back(r.text, r.sampling.stop)
-            text, r.sent_chars = r.text[r.sent_chars:end], max(r.sent_chars, end)
-            r.emit(TokenEvent(text, [tok], [info] if info is not None else []))
+            reason = finish_reason(r, tok, self.tokenizer)
+            r.emit(TokenEvent(take_text(r, reason is not None), [tok], [info] if info is not None else []))
             if reason is not None:
                 self._finish(r, reason)
-
-    def _detokenize(self, r: Request) -> FinishReason | None:
-        """Append newly complete text to r.text; cut at a stop string and return STOP if one matched."""
-        ids = r.output_ids
-        prefix_text = self.tokenizer.decode(ids[r.prefix_offset:r.read_offset])
-        new_text = self.tokenizer.decode(ids[r.prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return None  # an incomplete UTF-8 sequence: wait for the next token
-        old_len = len(r.text)
-        r.text += new_text[len(prefix_text):]
-        r.prefix_offset, r.read_offset = r.read_offset, len(ids)
-        for s in r.sampling.stop:
-            pos = r.text.find(s, max(0, old_len - len(s) + 1))
-            if pos >= 0:
-                r.text = r.text[:pos]
-                return FinishReason.STOP
-        return None
 
     def _finish(self, r: Request, reason: FinishReason) -> None:
         if r.finished:
@@ -405,14 +503,13 @@ class Engine:
         r.finished = True
         self._release(r)
         now = time.perf_counter()
-        admitted = r.admitted_at if r.admitted_at is not None else now
         if reason == FinishReason.CANCELLED:
             r.emit(ErrorEvent(r.cancel_reason, "request cancelled" if r.cancel_reason == "CANCELLED"
                               else "deadline exceeded"))
             return
         r.emit(FinishEvent(
             reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
-            queue_s=admitted - r.submitted_at,
+            queue_s=r.queue_s,
             ttft_s=None if r.first_token_at is None else r.first_token_at - r.submitted_at,
             total_s=now - r.submitted_at,
         ))
@@ -428,7 +525,10 @@ class Engine:
         was_running = r in self.running
         if was_running:
             self.running.remove(r)
-        self.allocator.free(r.pages)
+        if r.waiting_since is not None:  # ended while waiting (never admitted, or preempted)
+            r.queue_s += time.perf_counter() - r.waiting_since
+            r.waiting_since = None
+        self.allocator.release(r.pages)
         if r.adapter is not None:
             if was_running:
                 self.adapters.deactivate(r.adapter)
@@ -438,20 +538,10 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_queue_depth(len(self.running), len(self.waiting))
             self.metrics.set_kv_usage(self.allocator.usage())
+            self.metrics.set_prefix_cache_pages(len(self.prefix_cache) if self.prefix_cache is not None else 0)
 
 
 def _lora_slot(r: Request) -> int:
     """Sort key that puts rows of the same LoRA slot next to each other (cheaper batched LoRA)."""
     slot = None if r.adapter is None else r.adapter.slot
     return -1 if slot is None else slot
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop string."""
-    held = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), held, -1):
-            if s.startswith(text[-n:]):
-                held = n
-                break
-    return held

@@ -82,13 +82,21 @@ class Request:
     emit: Callable[[Event], None]  # called from the engine thread; must not block
     adapter: AdapterRef | None = None  # from the adapter catalog; None = the base model
     submitted_at: float = field(default_factory=time.perf_counter)
-    admitted_at: float | None = None
+    admitted_at: float | None = None  # first admission
     first_token_at: float | None = None
+    queue_s: float = 0.0  # time spent waiting for admission so far, preempted time included
+    waiting_since: float | None = None  # set while waiting (None while running)
     # engine-side state
     output_ids: list[int] = field(default_factory=list)
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # block table: page i holds KV entries [i*P, (i+1)*P)
     prefix_len: int = 0  # KV entries before the prompt (virtual tokens of a prompt/prefix adapter)
-    cached: int = 0  # tokens already in the KV cache (prefix included)
+    cached: int = 0  # KV entries computed so far (prefix included)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    namespace: tuple = ()  # prefix-cache namespace at the latest admission
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks known so far
+    published: int = 0  # leading pages already offered to the prefix cache
+    admit_order: int = 0  # larger = admitted more recently (the preemption victim)
+    preemptions: int = 0
     text: str = ""  # full decoded text so far (stop strings already cut)
     sent_chars: int = 0  # how much of `text` has been emitted
     read_offset: int = 0  # incremental detokenization offsets (into output_ids)
@@ -101,11 +109,26 @@ class Request:
     def __post_init__(self) -> None:
         seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
         self.rng = random.Random(seed)
+        self.waiting_since = self.submitted_at
 
     def cancel(self, reason: str = "CANCELLED") -> None:
         """Thread-safe: ask the engine to stop this request at its next step."""
         self.cancel_reason = reason
         self.cancelled.set()
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: the prompt plus every generated token."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Known tokens [start, stop) of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
 
     @property
     def total_tokens_needed(self) -> int:

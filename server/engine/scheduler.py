@@ -1,4 +1,4 @@
-"""KV page allocation and the bounded waiting queue."""
+"""The bounded waiting queue (KV pages: server.engine.kv_pages)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,6 @@ from server.engine.request import Request
 
 class QueueFullError(Exception):
     """The waiting queue holds --max-queue requests already (RESOURCE_EXHAUSTED)."""
-
-
-class PageAllocator:
-    """Hands out fixed-size KV pages; a request reserves every page it may need at admission,
-    so a running request is never preempted and the budget is never exceeded."""
-
-    def __init__(self, num_pages: int, page_size: int):
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
-
-    def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
-
-    @property
-    def free_pages(self) -> int:
-        return len(self._free)
-
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_pages
-
-    def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
-            return None
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, pages: list[int]) -> None:
-        self._free.extend(pages)
-        pages.clear()
 
 
 class WaitingQueue:
@@ -55,6 +26,12 @@ class WaitingQueue:
             if len(self._items) >= self.max_size:
                 raise QueueFullError(f"waiting queue is full ({self.max_size} requests, --max-queue)")
             self._items.append(request)
+        self.wakeup.set()
+
+    def put_front(self, request: Request) -> None:
+        """Put a preempted request back at the head (not bounded: it was admitted once already)."""
+        with self._lock:
+            self._items.appendleft(request)
         self.wakeup.set()
 
     def snapshot(self) -> list[Request]:

@@ -209,7 +209,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_context_tokens", "kv_cache_tokens", "max_batch_size", "max_queue", "default_max_new_tokens", "max_top_logprobs", "max_lora_rank", "max_virtual_tokens", "max_resident_adapters", "max_adapters_per_request")
+    __slots__ = ("max_context_tokens", "kv_cache_tokens", "max_batch_size", "max_queue", "default_max_new_tokens", "max_top_logprobs", "max_lora_rank", "max_virtual_tokens", "max_resident_adapters", "max_adapters_per_request", "prefix_cache", "max_prefill_tokens")
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class Limits(_message.Message):
     MAX_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTERS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_context_tokens: int
     kv_cache_tokens: int
     max_batch_size: int
@@ -230,7 +232,9 @@ class Limits(_message.Message):
     max_virtual_tokens: int
     max_resident_adapters: int
     max_adapters_per_request: int
-    def __init__(self, max_context_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_resident_adapters: _Optional[int] = ..., max_adapters_per_request: _Optional[int] = ...) -> None: ...
+    prefix_cache: bool
+    max_prefill_tokens: int
+    def __init__(self, max_context_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_resident_adapters: _Optional[int] = ..., max_adapters_per_request: _Optional[int] = ..., prefix_cache: _Optional[bool] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "vocab_size", "max_context", "dtype", "device", "limits", "num_layers", "hidden_size", "version")
