@@ -15,6 +15,7 @@ over by an :class:`EventPump`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -185,6 +186,10 @@ class GenerationCore:
         self.limits = limits
         self.metrics = metrics
         self._event_pump: EventPump | None = None
+        # Tokenizing a prompt (a 30k-character one takes tens of ms) and naming logprob tokens run here,
+        # never on the event loop: other streams' messages and health checks go on meanwhile. Its own
+        # pool, so adapter registrations waiting in the default executor never hold up tokenization.
+        self.text_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="adapterserve-text")
         self.active = 0  # started generations not yet recorded
         self._idle: asyncio.Event | None = None
 
@@ -215,7 +220,7 @@ class GenerationCore:
         queue: asyncio.Queue = asyncio.Queue()
         pump = self._pump()
         try:
-            req = self._build(request, outcome)
+            req = await self._build(request, outcome)
             req.emit = lambda ev: pump.post(queue, ev)  # before submission: the engine may emit at once
             self._submit(req)
         except GenerationError as e:
@@ -226,7 +231,7 @@ class GenerationCore:
         stop_at = None if timeout_s is None else time.monotonic() + timeout_s
         return Generation(self, req, queue, outcome, stop_at)
 
-    def _build(self, request: pb.GenerateRequest, outcome: Outcome) -> Request:
+    async def _build(self, request: pb.GenerateRequest, outcome: Outcome) -> Request:
         entry = None
         try:
             try:
@@ -248,7 +253,8 @@ class GenerationCore:
                     raise GenerationError(grpc.StatusCode.NOT_FOUND, error_message(e)) from e
             prefix_len = entry.num_virtual_tokens if entry is not None else 0
             try:
-                ids = prompt_ids(request, self.tokenizer, self.limits.vocab_size)
+                ids = await asyncio.get_running_loop().run_in_executor(
+                    self.text_pool, prompt_ids, request, self.tokenizer, self.limits.vocab_size)
                 outcome.prompt_tokens = len(ids)
                 params = sampling(request, len(ids), prefix_len, self.limits)
             except ValueError as e:
@@ -256,7 +262,7 @@ class GenerationCore:
             # emit is replaced in start() before submission
             return Request(request_id=outcome.request_id, prompt_ids=ids, sampling=params,
                            emit=lambda ev: None, adapter=entry)
-        except GenerationError:
+        except BaseException:  # GenerationError, or the caller went away while its prompt was tokenized
             if entry is not None:
                 self.adapters.release(entry)
             raise
@@ -280,7 +286,7 @@ class GenerationCore:
             tpot = (total - ttft) / (o.completion_tokens - 1)
         queue = None
         if r is not None and r.admitted_at is not None:
-            queue = r.admitted_at - r.submitted_at
+            queue = r.queue_s  # preempted time included
         if self.metrics is not None:
             self.metrics.request_finished(o.metrics_adapter, o.status, o.prompt_tokens, o.completion_tokens,
                                           total_s=total, ttft_s=ttft, tpot_s=tpot, api=o.api)

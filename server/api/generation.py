@@ -7,6 +7,8 @@ Thread domain: the grpc.aio event loop.
 
 from __future__ import annotations
 
+import asyncio
+
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from server.api.core import GenerationCore, GenerationError
@@ -27,7 +29,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if isinstance(event, TokenEvent):
                 out.text += event.text
                 out.token_ids.extend(event.token_ids)
-                out.logprobs.extend(self._logprobs(event))
+                out.logprobs.extend(await self._logprobs(event))
             else:
                 out.finish_reason = pb.FinishReason.Value(event.reason.value)
                 out.usage.CopyFrom(pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
@@ -39,7 +41,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async for event, request_id in self._run(request, context):
             if isinstance(event, TokenEvent):
                 yield pb.GenerateStreamResponse(
-                    text=event.text, token_ids=event.token_ids, logprobs=self._logprobs(event),
+                    text=event.text, token_ids=event.token_ids, logprobs=await self._logprobs(event),
                     request_id=request_id, adapter_id=request.adapter_id)
             else:
                 yield pb.GenerateStreamResponse(
@@ -60,7 +62,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if gen is not None:
                 gen.cancel()  # a no-op once finished; else the call went away mid-stream
 
-    def _logprobs(self, event: TokenEvent) -> list[pb.TokenLogprob]:
+    async def _logprobs(self, event: TokenEvent) -> list[pb.TokenLogprob]:
+        """Logprob messages with each token's text, named on the core's text pool (not the event loop)."""
+        if not event.logprobs:
+            return []
+        return await asyncio.get_running_loop().run_in_executor(self.core.text_pool, self._logprob_messages, event)
+
+    def _logprob_messages(self, event: TokenEvent) -> list[pb.TokenLogprob]:
         tok = self.core.tokenizer.token_text
         return [
             pb.TokenLogprob(token_id=lp.token_id, token=tok(lp.token_id), logprob=lp.logprob,
