@@ -8,6 +8,7 @@ guards' timeouts only turn a hang into a failure; nothing here measures time).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,7 +41,7 @@ def test_loop_serves_health_and_streams_while_a_huge_prompt_is_tokenized(start_s
         assert entered.wait(30)
         try:
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
-            assert sum(1 for _ in zip(range(5), other)) == 5  # the other stream goes on
+            assert len(list(itertools.islice(other, 5))) == 5  # the other stream goes on
             assert not huge.done()
         finally:
             release.set()
