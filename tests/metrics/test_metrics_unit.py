@@ -41,6 +41,8 @@ EXPECTED_FAMILIES = {
     "adapterserve_step_duration_seconds",
     "adapterserve_kv_cache_usage_ratio",
     "adapterserve_preemptions_total",
+    "adapterserve_prefix_cache_tokens_total",
+    "adapterserve_prefix_cache_pages",
     "adapterserve_adapters_registered",
     "adapterserve_adapters_resident",
     "adapterserve_adapter_loads_total",
@@ -90,6 +92,9 @@ def drive_known_load(m: ServerMetrics) -> None:
     m.set_queue_depth(running=3, waiting=2)
     m.set_kv_usage(0.25)
     m.preempted()
+    m.prefix_cache_lookup("a", hits=32, misses=5)
+    m.prefix_cache_lookup("", hits=0, misses=7)
+    m.set_prefix_cache_pages(12)
     m.set_adapter_counts({"lora": 3, "prefix_tuning": 1}, {"lora": 2})
     m.adapter_loaded("lora", True, 0.2)
     m.adapter_loaded("LORA", True, 0.3)
@@ -193,6 +198,10 @@ def test_engine_and_adapter_families(metrics):
     assert value(m, "adapterserve_waiting_requests") == 2
     assert value(m, "adapterserve_kv_cache_usage_ratio") == 0.25
     assert value(m, "adapterserve_preemptions_total") == 1
+    assert value(m, "adapterserve_prefix_cache_tokens_total", adapter="a", result="hit") == 32
+    assert value(m, "adapterserve_prefix_cache_tokens_total", adapter="a", result="miss") == 5
+    assert value(m, "adapterserve_prefix_cache_tokens_total", adapter="_base", result="miss") == 7
+    assert value(m, "adapterserve_prefix_cache_pages") == 12
 
     assert {t: value(m, "adapterserve_adapters_registered", type=t) for t in ADAPTER_TYPES} == {
         "lora": 3,
