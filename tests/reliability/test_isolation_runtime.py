@@ -28,13 +28,21 @@ def server(start_server, tiny_llama, adapter_root):
 
 
 def _poison_pages(srv, value: float) -> None:
-    """Fill every KV page of every layer (keys and values) with `value`, on the engine thread."""
-    cache = srv.app.engine.cache
+    """Fill every free KV page of every layer (keys and values) with `value`, on the engine thread.
+
+    Pages the prefix cache holds are content (published full pages, never written again), not free
+    memory: they are left alone; every other page, free or reused later, gets the poison."""
+    engine = srv.app.engine
+    cache = engine.cache
 
     def fill() -> None:
-        end = cache.num_pages * cache.page_size
-        for t in cache.k + cache.v:
-            t[:end] = value
+        published = engine.prefix_cache.holds if engine.prefix_cache is not None else (lambda page: False)
+        for page in range(cache.num_pages):
+            if published(page):
+                continue
+            rows = slice(page * cache.page_size, (page + 1) * cache.page_size)
+            for t in cache.k + cache.v:
+                t[rows] = value
 
     srv.app.engine.call(fill).result(10)
 
