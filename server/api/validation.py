@@ -119,6 +119,9 @@ def sampling(req: pb.GenerateRequest, n_prompt: int, prefix_len: int, limits: Li
     if not math.isfinite(penalty) or penalty <= 0:
         raise InvalidRequestError(f"params.repetition_penalty: must be > 0, got {penalty}")
     top_k = p.top_k if p.HasField("top_k") else 0
+    min_new = p.min_new_tokens if p.HasField("min_new_tokens") else 0
+    if min_new > max_new:
+        raise InvalidRequestError(f"params.min_new_tokens: {min_new} is more than max_new_tokens {max_new}")
     if req.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidRequestError(f"top_logprobs: at most {MAX_TOP_LOGPROBS}, got {req.top_logprobs}")
     if len(p.stop) > MAX_STOP_STRINGS:
@@ -134,6 +137,7 @@ def sampling(req: pb.GenerateRequest, n_prompt: int, prefix_len: int, limits: Li
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         ignore_eos=p.ignore_eos,
+        min_new_tokens=int(min_new),
         logprobs=req.return_logprobs or req.top_logprobs > 0,
         top_logprobs=int(req.top_logprobs),
     )

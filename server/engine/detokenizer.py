@@ -14,8 +14,10 @@ from server.model.tokenizer import Tokenizer
 
 def finish_reason(r: Request, token: int, tokenizer: Tokenizer) -> FinishReason | None:
     """Append `token` (already in r.output_ids) to r.text; return why the request ends now, if it does."""
-    reason = FinishReason.EOS if token in tokenizer.eos_token_ids and not r.sampling.ignore_eos else None
-    reason = _detokenize(r, tokenizer) or reason
+    may_stop = len(r.output_ids) >= r.sampling.min_new_tokens  # before that, EOS and stop strings don't end it
+    eos = token in tokenizer.eos_token_ids and not r.sampling.ignore_eos and may_stop
+    reason = FinishReason.EOS if eos else None
+    reason = _detokenize(r, tokenizer, may_stop) or reason
     if reason is None and len(r.output_ids) >= r.sampling.max_new_tokens:
         reason = FinishReason.LENGTH
     return reason
@@ -28,8 +30,9 @@ def take_text(r: Request, finished: bool) -> str:
     return text
 
 
-def _detokenize(r: Request, tokenizer: Tokenizer) -> FinishReason | None:
-    """Append newly complete text to r.text; cut at a stop string and return STOP if one matched."""
+def _detokenize(r: Request, tokenizer: Tokenizer, check_stops: bool = True) -> FinishReason | None:
+    """Append newly complete text to r.text; cut at a stop string and return STOP if one matched
+    (only with `check_stops`: text generated before min_new_tokens is never searched)."""
     ids = r.output_ids
     prefix_text = tokenizer.decode(ids[r.prefix_offset:r.read_offset])
     new_text = tokenizer.decode(ids[r.prefix_offset:])
@@ -38,7 +41,7 @@ def _detokenize(r: Request, tokenizer: Tokenizer) -> FinishReason | None:
     old_len = len(r.text)
     r.text += new_text[len(prefix_text):]
     r.prefix_offset, r.read_offset = r.read_offset, len(ids)
-    for s in r.sampling.stop:
+    for s in r.sampling.stop if check_stops else ():
         pos = r.text.find(s, max(0, old_len - len(s) + 1))
         if pos >= 0:
             r.text = r.text[:pos]

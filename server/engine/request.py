@@ -31,6 +31,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS is masked and stop strings ignored until this many tokens
     logprobs: bool = False
     top_logprobs: int = 0
 

@@ -15,6 +15,8 @@ Thread: the engine thread.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from server.engine.request import Request, TokenLogprob
@@ -55,11 +57,26 @@ def filtered_probs(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tenso
     return probs, order
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [B, V] float32 -> chosen token per row, and logprob info for rows that asked for it."""
+def _mask_early_eos(logits: torch.Tensor, requests: list[Request], eos_ids: Sequence[int]) -> torch.Tensor:
+    """EOS ids get -inf in rows that have not reached their min_new_tokens yet (a copy; logprobs stay raw)."""
+    rows = [i for i, r in enumerate(requests) if len(r.output_ids) < r.sampling.min_new_tokens]
+    if not rows or not eos_ids:
+        return logits
+    out = logits.clone()
+    rows_t = torch.tensor(rows, device=logits.device)[:, None]  # [m, 1]
+    out[rows_t, torch.tensor(sorted(eos_ids), device=logits.device)[None, :]] = float("-inf")
+    return out
+
+
+def sample(logits: torch.Tensor, requests: list[Request],
+           eos_ids: Sequence[int] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [B, V] float32 -> chosen token per row, and logprob info for rows that asked for it.
+
+    `eos_ids` are masked out of rows that have not generated their ``min_new_tokens`` yet.
+    """
     bsz = logits.shape[0]
     dev = logits.device
-    processed = _apply_repetition_penalty(logits, requests)
+    processed = _mask_early_eos(_apply_repetition_penalty(logits, requests), requests, eos_ids)
     temps = torch.tensor([r.sampling.temperature for r in requests], dtype=torch.float32, device=dev)
     greedy = temps < GREEDY_BELOW  # [B]
     chosen = processed.argmax(dim=-1)  # [B]

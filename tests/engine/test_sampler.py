@@ -67,3 +67,17 @@ def test_tiny_temperatures_are_greedy():
     flat = torch.zeros(64, V)
     tokens, _ = sample(flat, [request(GREEDY_BELOW * 10, seed=s) for s in range(64)])
     assert len(set(tokens)) > 1
+
+
+def test_min_new_tokens_masks_eos_until_reached_and_logprobs_stay_raw():
+    logits = torch.zeros(2, V)
+    logits[:, 7] = 5.0  # EOS is every row's best token
+    logits[:, 2] = 4.0
+    early, done = request(0.0), request(0.0)
+    early.sampling.min_new_tokens = done.sampling.min_new_tokens = 2
+    early.output_ids, done.output_ids = [1], [1, 1]  # one token short of the minimum / reached it
+    tokens, info = sample(logits, [early, done], eos_ids=(7,))
+    assert tokens == [2, 7]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert math.isclose(info[0].logprob, raw[2].item(), rel_tol=1e-6)  # the model's distribution, not the mask's
+    assert info[0].top[0][0] == 7

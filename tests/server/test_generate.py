@@ -107,6 +107,22 @@ def test_eos_finishes_unless_ignored(server):
         server.app.model.tokenizer.eos_token_ids.discard(first)
 
 
+def test_min_new_tokens_holds_off_stop_strings_and_eos(server):
+    full = server.generate(PROMPTS[3], max_new_tokens=12, ignore_eos=True)
+    stop = full.text[2:5]
+    assert stop.strip(), full.text
+    assert server.generate(PROMPTS[3], max_new_tokens=12, ignore_eos=True, stop=[stop]).finish_reason == pb.STOP
+    held = server.generate(PROMPTS[3], max_new_tokens=12, min_new_tokens=12, ignore_eos=True, stop=[stop])
+    assert held.finish_reason == pb.LENGTH and held.text == full.text  # the stop string came too early to count
+    first = full.token_ids[0]
+    server.app.model.tokenizer.eos_token_ids.add(first)  # the first greedy token would end the output
+    try:
+        resp = server.generate(PROMPTS[3], max_new_tokens=6, min_new_tokens=3)
+    finally:
+        server.app.model.tokenizer.eos_token_ids.discard(first)
+    assert len(resp.token_ids) >= 3 and first not in resp.token_ids[:3]  # masked while below the minimum
+
+
 def test_chat_messages_use_the_chat_template(server):
     tok = server.app.model.tokenizer
     resp = server.generate(messages=[("user", "hello world")], max_new_tokens=4, ignore_eos=True)
@@ -125,6 +141,7 @@ INVALID = [
     ("params.top_p", {"prompt": "hi", "top_p": 0.0}),
     ("params.top_p", {"prompt": "hi", "top_p": 1.5}),
     ("params.repetition_penalty", {"prompt": "hi", "repetition_penalty": 0.0}),
+    ("params.min_new_tokens", {"prompt": "hi", "max_new_tokens": 2, "min_new_tokens": 3}),
     ("top_logprobs", {"prompt": "hi", "top_logprobs": 21}),
     ("prompt", {"prompt": "hello world " * 200}),
     ("messages[0].role", {"messages": [("robot", "hi")]}),

@@ -18,6 +18,7 @@ from server.engine.request import FinishEvent, FinishReason, TokenLogprob
 # Field names of the shared validation's messages -> the OpenAI body's names.
 FIELD_NAMES = {
     "params.max_new_tokens": "max_tokens",
+    "params.min_new_tokens": "min_tokens",
     "params.temperature": "temperature",
     "params.top_p": "top_p",
     "params.repetition_penalty": "repetition_penalty",
@@ -51,8 +52,6 @@ def _common_checks(body: _Sampling) -> None:
             raise _refuse(name, "not supported (only 0); use repetition_penalty")
     if body.logit_bias:
         raise _refuse("logit_bias", "not supported")
-    if body.min_tokens:
-        raise _refuse("min_tokens", "not supported (only 0)")
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
 
@@ -74,6 +73,10 @@ def _params(body: _Sampling) -> pb.SamplingParams:
         p.top_k = body.top_k
     if body.repetition_penalty is not None:
         p.repetition_penalty = body.repetition_penalty
+    if body.min_tokens:
+        if body.min_tokens >= 2**32:
+            raise _refuse("min_tokens", f"too large: {body.min_tokens}")
+        p.min_new_tokens = body.min_tokens
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     p.stop.extend(stops)
     for name in ("temperature", "top_p", "repetition_penalty"):
