@@ -231,6 +231,9 @@ class LoraBatch:
     def scale_input(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def block_output(self, layer: int, site: str, residual: torch.Tensor, out: torch.Tensor) -> None:
+        """Nothing to add after a sub-layer: LoRA acts inside the projections."""
+
     def _gather_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gather [U*M]: source row of each padded position, back [B]: padded position of each row),
         built on first use: steps that go by blocks never need them."""
