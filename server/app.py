@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from importlib import metadata
 
 import grpc
@@ -228,7 +229,18 @@ class ServerApp:
         """Shut down from another thread (tests, benchmarks): no drain period by default."""
         if self._loop is None or self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.shutdown(grace, drain), self._loop).result(drain + grace + 60)
+        if self._stopped is None or not self._stopped.is_set():  # not shut down already (e.g. by SIGTERM's path)
+            fut = asyncio.run_coroutine_threadsafe(self.shutdown(grace, drain), self._loop)
+            end = time.monotonic() + drain + grace + 60
+            # A shutdown already under way may end the loop before it runs this one: the thread ending counts too.
+            while not fut.done() and self._thread is not None and self._thread.is_alive():
+                if time.monotonic() > end:
+                    raise TimeoutError(f"server did not stop within {drain + grace + 60:g} s")
+                time.sleep(0.02)
+            if fut.done():
+                fut.result()
+            else:
+                fut.cancel()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
