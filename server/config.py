@@ -146,16 +146,18 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m server`` argument parser; every flag documents its env variable."""
-    parser = argparse.ArgumentParser(
-        prog="python -m server",
-        description="adapterserve: one frozen base model, many LoRA / prompt / P-tuning / prefix adapters, "
-        "served over gRPC with continuous batching. Every flag can also be set as ADAPTERSERVE_<FLAG>.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+_DESCRIPTION = ("adapterserve: one frozen base model, many LoRA / prompt / P-tuning / prefix adapters, served over "
+                "gRPC with continuous batching. Every flag can also be set as ADAPTERSERVE_<FLAG>.")
+
+
+def build_parser(cls: type = ServerConfig, prog: str = "python -m server",
+                 description: str = _DESCRIPTION) -> argparse.ArgumentParser:
+    """The argument parser of a config dataclass (``python -m server``'s by default; server.cluster
+    passes its subclass); every flag documents its env variable."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(ServerConfig):
+    for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         group_name = meta.pop("group")
         group = groups.get(group_name) or parser.add_argument_group(group_name)
@@ -169,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
-    """Flags > ADAPTERSERVE_* environment > defaults; validated. Raises ConfigError or SystemExit."""
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None, cls: type = ServerConfig,
+                 prog: str = "python -m server") -> Any:
+    """Flags > ADAPTERSERVE_* environment > defaults; validated. Raises ConfigError or SystemExit.
+    Returns a ``cls`` (ServerConfig or a subclass with more fields)."""
     env = dict(os.environ if env is None else env)
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(cls, prog).parse_args(argv))
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(ServerConfig):
+    for f in dataclasses.fields(cls):
         if f.name in args:
             values[f.name] = args[f.name]
             continue
@@ -182,7 +186,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         if raw is None:
             continue
         values[f.name] = _from_env(f, raw)
-    cfg = ServerConfig(**values)
+    cfg = cls(**values)
     cfg.validate()
     return cfg
 

@@ -1,0 +1,216 @@
+"""The engine deployment: one :class:`server.app.ServerApp` per Ray Serve replica, multiplexed by adapter id.
+
+Each replica runs today's server unchanged (model, engine thread, catalog, residency, the shared
+generation core) on the replica's own event loop, and answers with the single server's handlers
+called in process: the gRPC servicers (with a :class:`CallContext`) and the OpenAI FastAPI app (one
+ASGI call per request, :mod:`server.cluster.asgi`). Statuses, messages and outputs are therefore
+the single server's.
+
+Adapters: ``@serve.multiplexed`` keeps at most ``--max-adapters-per-replica`` adapter ids per
+replica (LRU) and tells Serve's router which replica holds which; on a miss it registers
+``<adapter-root>/<id>`` from the adapter store, and when it drops an id it unregisters it here
+(in-flight requests finish first). The engine's residency limit is the same number.
+:meth:`EngineReplica.evict` (called on every replica by adapter admin) drops an id at once, so no
+replica serves an adapter's old weights after a replace or unregister returns.
+
+Thread domain: the replica's user-code event loop (Serve runs every method there, the
+constructor included); blocking work goes to worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+import grpc
+from ray import serve
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from server.adapters.catalog import AdapterNotFoundError
+from server.adapters.formats import load_adapter_dir, resolve_adapter_path
+from server.api.errors import error_message, status_for
+from server.api.http.app import build_app
+from server.app import ServerApp
+from server.cluster.asgi import call_asgi
+from server.cluster.config import ClusterConfig
+from server.cluster.rpc import CallContext, RpcStatus
+
+log = logging.getLogger("adapterserve.cluster")
+
+MULTIPLEX_ATTR = "__serve_multiplex_wrapper"  # where @serve.multiplexed keeps its LRU (ray.serve.api)
+
+
+class HeldAdapter:
+    """What the multiplexer holds for one adapter id on this replica; dropping it unregisters the id.
+
+    Serve's multiplexer calls ``__del__`` when its LRU drops the id (on a worker thread), then Python
+    may call it again at collection: only the first call acts, and only on the entry it loaded.
+    """
+
+    def __init__(self, replica: EngineReplica, adapter_id: str, key: int | None):
+        self.replica = replica
+        self.adapter_id = adapter_id
+        self.key = key  # the catalog entry this replica loaded (None: the load failed, nothing to drop)
+        self._dropped = threading.Event()
+
+    def drop(self) -> None:
+        if self._dropped.is_set():
+            return
+        self._dropped.set()
+        if self.key is not None:
+            self.replica.unregister_if_current(self.adapter_id, self.key)
+
+    def __del__(self) -> None:
+        self.drop()
+
+
+class EngineReplica:
+    """The engine deployment's class (server.cluster.deploy wraps it in ``serve.deployment``)."""
+
+    async def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.app = ServerApp(cfg.replica_config())
+        self._server_task = await self.app.start_in_loop()
+        self.http_app = build_app(self.app.http_context())
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._admin_lock = threading.Lock()  # this replica's loads and unloads, one at a time
+        self._evictions: dict[str, int] = {}  # id -> evictions seen (a load racing an eviction reloads)
+
+        async def load(adapter_id: str) -> HeldAdapter:
+            return await asyncio.get_running_loop().run_in_executor(None, self._load, adapter_id)
+
+        self._multiplexed = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load)
+        log.info("replica %s serving %s (%d adapters at most)", self.replica_id, self.app.model.name,
+                 cfg.max_adapters_per_replica)
+
+    # ------------------------------------------------------------------ adapters
+    async def _use_adapter(self) -> None:
+        """Make the request's multiplexed adapter id (if any) registered here before its handler runs.
+
+        A failed load is not an error here: the handler then answers exactly as the single server
+        would for that id (NOT_FOUND, INVALID_ARGUMENT naming the field)."""
+        adapter_id = serve.get_multiplexed_model_id()
+        if not adapter_id:
+            return
+        try:
+            await self._multiplexed(adapter_id)
+        except Exception as e:  # noqa: BLE001 (the handler reports it with the single server's status)
+            log.debug("adapter %s not loaded on replica %s: %s", adapter_id, self.replica_id, e)
+
+    def _load(self, adapter_id: str) -> HeldAdapter:
+        """Register ``<adapter-root>/<id>`` (worker thread); reload when an eviction raced the load."""
+        catalog = self.app.adapters
+        for _ in range(3):
+            seen = self._evictions.get(adapter_id, 0)
+            with self._admin_lock:
+                try:
+                    entry = catalog.get(adapter_id)
+                except AdapterNotFoundError:
+                    folder = resolve_adapter_path(self.cfg.adapter_root, adapter_id)
+                    spec = load_adapter_dir(folder, self.app.model.args, self.app.adapter_limits,
+                                            root=self.cfg.adapter_root)
+                    entry = catalog.register(adapter_id, spec)
+            if self._evictions.get(adapter_id, 0) == seen:
+                return HeldAdapter(self, adapter_id, entry.key)
+            self.unregister_if_current(adapter_id, entry.key)  # evicted while loading: what was read may be old
+        raise RpcStatus.of(grpc.StatusCode.UNAVAILABLE, f"adapter {adapter_id!r} kept changing while it loaded; retry")
+
+    def unregister_if_current(self, adapter_id: str, key: int) -> None:
+        """Unregister `adapter_id` if the catalog still holds the entry `key` (blocking: worker thread)."""
+        with self._admin_lock:
+            try:
+                if self.app.adapters.get(adapter_id).key != key:
+                    return
+                self.app.adapters.unregister(adapter_id)
+            except AdapterNotFoundError:
+                pass
+
+    async def evict(self, adapter_id: str) -> bool:
+        """Drop `adapter_id` from this replica now (admin: replace, unregister); True when it was held.
+        Requests already running finish on the weights they started with; the next one reloads."""
+        self._evictions[adapter_id] = self._evictions.get(adapter_id, 0) + 1
+        wrapper = getattr(self._multiplexed, MULTIPLEX_ATTR, None)
+        held = wrapper.models.pop(adapter_id, None) if wrapper is not None else None
+        if wrapper is not None:
+            wrapper._push_multiplexed_replica_info = True  # tell the router at its next push (0.1 s)
+        loop = asyncio.get_running_loop()
+        if isinstance(held, HeldAdapter):
+            await loop.run_in_executor(None, held.drop)
+        try:
+            entry = self.app.adapters.get(adapter_id)
+        except AdapterNotFoundError:
+            return held is not None
+        await loop.run_in_executor(None, self.unregister_if_current, adapter_id, entry.key)
+        return True
+
+    # ------------------------------------------------------------------ gRPC
+    async def generate(self, data: bytes, timeout_s: float | None = None) -> bytes:
+        """GenerationService.Generate on this replica: the single server's servicer, in process."""
+        await self._use_adapter()
+        request = pb.GenerateRequest.FromString(data)
+        response = await self.app.generation_servicer.Generate(request, CallContext(timeout_s))
+        return response.SerializeToString()
+
+    async def generate_stream(self, data: bytes, timeout_s: float | None = None) -> AsyncIterator[bytes]:
+        """GenerationService.GenerateStream on this replica; a failure raises RpcStatus after the chunks sent."""
+        await self._use_adapter()
+        request = pb.GenerateRequest.FromString(data)
+        stream = self.app.generation_servicer.GenerateStream(request, CallContext(timeout_s))
+        try:
+            async for chunk in stream:
+                yield chunk.SerializeToString()
+        finally:
+            await stream.aclose()  # cancels the engine request when the caller went away
+
+    async def model_info(self) -> bytes:
+        return self.app.model_info().SerializeToString()
+
+    async def adapters(self, method: str, data: bytes) -> bytes:
+        """An AdapterService read (ListAdapters, GetAdapter) on this replica's catalog."""
+        servicer = self.app.adapter_servicer
+        request = {"ListAdapters": pb.ListAdaptersRequest, "GetAdapter": pb.GetAdapterRequest}[method].FromString(data)
+        response = await getattr(servicer, method)(request, CallContext())
+        return response.SerializeToString()
+
+    # ------------------------------------------------------------------ HTTP
+    async def http(self, scope: dict, body: bytes) -> AsyncIterator[object]:
+        """One OpenAI API request through the single server's FastAPI app in process: yields
+        (status, headers), then the body's chunks (a stream's events as they come)."""
+        await self._use_adapter()
+        async for item in call_asgi(self.http_app, scope, body):
+            yield item
+
+    # ------------------------------------------------------------------ health, metrics
+    async def serving(self) -> bool:
+        """True while this replica's server reports SERVING (its engine alive, not shutting down)."""
+        return self.app.serving() and self.app.engine.failed is None
+
+    async def metrics_text(self) -> tuple[str, bytes]:
+        """(replica id, this replica's adapterserve_* families in Prometheus text format)."""
+        from prometheus_client import generate_latest
+
+        return self.replica_id, generate_latest(self.app.metrics.registry)
+
+    def check_health(self) -> None:
+        """Serve's health probe: a failed engine makes Serve replace this replica."""
+        if self.app.engine.failed is not None:
+            raise RuntimeError(f"engine failed: {self.app.engine.failed}")
+
+    async def __del__(self) -> None:  # Serve calls it when it stops the replica
+        try:
+            await self.app.shutdown(grace=self.cfg.grace_seconds, drain=0.0)
+        except Exception as e:  # noqa: BLE001 (shutting down anyway)
+            log.warning("replica %s shutdown: %s", getattr(self, "replica_id", "?"), e)
+
+
+def status_of(e: BaseException) -> RpcStatus:
+    """The RpcStatus for an error raised by adapter code (INTERNAL only for a bug)."""
+    if isinstance(e, RpcStatus):
+        return e
+    code = status_for(e)
+    if code is None:
+        log.exception("replica operation failed", exc_info=e)
+        code = grpc.StatusCode.INTERNAL
+    return RpcStatus.of(code, error_message(e))

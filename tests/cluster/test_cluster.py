@@ -1,0 +1,233 @@
+"""`python -m server.cluster` on a local Ray: answers equal the single server's, adapter affinity,
+the same statuses for bad input, health, per-replica metrics, and a replica killed under load.
+
+One cluster for the whole module (Ray's start dominates the time): 2 engine replicas that hold 2
+adapters each, a tiny random Llama, adapters of every PEFT kind in the adapter store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+import ray  # the `cluster` extra, part of `make test`'s install: these tests never skip
+
+from adapterserve.v1 import adapterserve_pb2 as pb
+from tests.cluster.conftest import AFFINITY_ADAPTERS, KINDS
+from tests.serving import make_request
+
+
+def _post(url: str, doc: dict, timeout: float = 60) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _get(url: str, timeout: float = 60) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _greedy(adapter_id: str = "", **kw) -> pb.GenerateRequest:
+    return make_request("the cluster serves adapters", adapter_id, max_new_tokens=6, temperature=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, cluster_adapter_root):
+    """The single server on the same model and adapter folders (every kind registered by path)."""
+    from tests.serving import start_server_fixture
+
+    gen = start_server_fixture()
+    start = next(gen)
+    running = start(tiny_llama, adapter_root=str(cluster_adapter_root), kv_cache_tokens=2048, max_batch_size=8)
+    for kind in KINDS:
+        running.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=kind, path=kind), timeout=60)
+    yield running
+    for _ in gen:
+        pass
+
+
+@pytest.mark.parametrize("adapter_id", ["", *KINDS])
+def test_answers_equal_the_single_server(cluster, single, adapter_id):
+    want = single.gen.Generate(_greedy(adapter_id), timeout=60)
+    got = cluster.gen.Generate(_greedy(adapter_id), timeout=120)
+    assert list(got.token_ids) == list(want.token_ids)
+    assert got.text == want.text
+    streamed = list(cluster.gen.GenerateStream(_greedy(adapter_id), timeout=120))
+    assert [t for c in streamed for t in c.token_ids] == list(want.token_ids)
+    assert streamed[-1].finish_reason == want.finish_reason
+
+
+def test_http_answers_equal_the_single_server(cluster, single):
+    doc = {"model": "lora", "prompt": "the cluster serves adapters", "max_tokens": 6, "temperature": 0}
+    want = single.generate("the cluster serves adapters", "lora", max_new_tokens=6, temperature=0)
+    status, body = _post(cluster.http + "/v1/completions", doc)
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["text"] == want.text
+    status, body = _post(cluster.http + "/v1/completions", {**doc, "stream": True})
+    assert status == 200
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want.text
+
+
+def _codes(stub_owner, requests) -> list[tuple[str, str]]:
+    out = []
+    for req in requests:
+        try:
+            stub_owner.gen.Generate(req, timeout=60)
+            out.append(("OK", ""))
+        except grpc.RpcError as e:
+            out.append((e.code().name, e.details()))
+    return out
+
+
+def test_bad_input_gets_the_single_servers_statuses(cluster, single):
+    bad = [_greedy("no-such-adapter"), _greedy("../etc"), make_request("x", temperature=-1.0),
+           make_request("x", max_new_tokens=10**6), make_request(None)]
+    want = _codes(single, bad)
+    assert [c for c, _ in want] == ["NOT_FOUND", "NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+                                    "INVALID_ARGUMENT"]
+    assert _codes(cluster, bad) == want
+    # Malformed protobuf bytes: INVALID_ARGUMENT naming the message, as the single server's interceptor says.
+    for target in (single.app.target, cluster.target):
+        with grpc.insecure_channel(target) as ch:
+            raw = ch.unary_unary("/adapterserve.v1.GenerationService/Generate")
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"\xff\xff\xff", timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed adapterserve.v1.GenerateRequest" in err.value.details()
+    # HTTP: the replica's OpenAI app answers, with the single server's bodies.
+    status, body = _post(cluster.http + "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    status, body = _post(cluster.http + "/v1/completions", {"model": "", "prompt": "x", "temperature": -1})
+    assert status == 400 and json.loads(body)["error"]["param"] == "temperature"
+
+
+def test_health_and_model_info(cluster, single):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(cluster.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _get(cluster.http + "/health") == (200, "SERVING")
+    info = cluster.gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert info.name == single.app.model.name
+    assert info.limits.max_resident_adapters == 2  # --max-adapters-per-replica feeds the engine's residency
+
+
+def _loads_by_replica(cluster) -> dict[str, float]:
+    """adapterserve_adapter_loads_total{result="ok"} summed per replica, from the cluster's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = _get(cluster.http + "/metrics")
+    assert status == 200
+    loads: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "adapterserve_adapter_loads_total" and s.labels.get("result") == "ok":
+                loads[s.labels["replica"]] = loads.get(s.labels["replica"], 0.0) + s.value
+    return loads
+
+
+def test_affinity_after_warm_up(cluster):
+    """4 adapters over 2 replicas x 2 slots: after warm-up >= 90% of requests find their adapter loaded."""
+    for _ in range(3):  # warm-up: each adapter lands somewhere, and the router learns where
+        for name in AFFINITY_ADAPTERS:
+            cluster.gen.Generate(make_request("hi", name, max_new_tokens=1), timeout=120)
+        time.sleep(1.0)
+    before = _loads_by_replica(cluster)
+    assert len(before) == 2, before  # both replicas report, each under its own label
+    order = [AFFINITY_ADAPTERS[(i * 7) % 4] for i in range(40)]
+    for name in order:
+        cluster.gen.Generate(make_request("hi", name, max_new_tokens=1), timeout=120)
+    after = _loads_by_replica(cluster)
+    loads = sum(after.values()) - sum(before.values())
+    assert 1 - loads / len(order) >= 0.9, (before, after)
+
+
+def _engine_replica_actors() -> list:
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "#Engine#" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
+
+
+def _running_engine_replicas(app: str) -> int:
+    from ray import serve
+
+    dep = serve.status().applications[app].deployments["Engine"]
+    return dep.replica_states.get("RUNNING", 0) if dep.status == "HEALTHY" else 0
+
+
+def test_replica_killed_under_load(cluster):
+    """Kill one engine replica mid-load: every unary call answers OK or UNAVAILABLE, every stream ends
+    with OK or UNAVAILABLE (never a hang), and Serve brings the replica back, serving again."""
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    started = threading.Event()
+
+    def stream(i: int) -> None:
+        req = make_request("a long answer please", AFFINITY_ADAPTERS[i % 4], max_new_tokens=200, min_new_tokens=200)
+        try:
+            for _ in cluster.gen.GenerateStream(req, timeout=90):
+                started.set()
+            result = "OK"
+        except grpc.RpcError as e:
+            result = e.code().name
+        with lock:
+            outcomes.append(result)
+
+    def unary(i: int) -> None:
+        try:
+            cluster.gen.Generate(make_request("hi", AFFINITY_ADAPTERS[i % 4], max_new_tokens=40), timeout=90)
+            result = "OK"
+        except grpc.RpcError as e:
+            result = e.code().name
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    victim = _engine_replica_actors()[0]
+    ray.kill(victim, no_restart=True)
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
+    assert len(outcomes) == 8
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    end = time.monotonic() + 300
+    while _running_engine_replicas(cluster.cfg.app_name) < 2:
+        assert time.monotonic() < end, "Serve did not bring the killed replica back"
+        time.sleep(1.0)
+    for name in AFFINITY_ADAPTERS:  # both replicas serve again (each adapter lands on one of them)
+        assert cluster.gen.Generate(make_request("hi", name, max_new_tokens=2), timeout=120).token_ids
+    health_ok = _get(cluster.http + "/health")
+    assert health_ok == (200, "SERVING")
+
+
+def test_client_works_unchanged(cluster):
+    """AdapterServeClient against the cluster's gRPC proxy, no extra option."""
+    from clients.client import AdapterServeClient
+
+    with AdapterServeClient(cluster.target) as client:
+        assert client.health() == "SERVING"
+        result = client.generate("hello", adapter="lora", max_new_tokens=3, temperature=0)
+        assert len(result.token_ids) == 3
+        chunks = list(client.stream("hello", adapter="lora", max_new_tokens=3, temperature=0))
+        assert [t for c in chunks for t in c.token_ids] == list(result.token_ids)
