@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -43,49 +44,74 @@ class LoadResult:
         }
 
 
-async def _one(stub, prompt: str, adapter: str, max_new: int, out: dict) -> None:
-    req = pb.GenerateRequest(prompt=prompt, params=pb.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
-    if "=" in adapter:  # a weighted LoRA mix "a=1,b=0.5"
+TokenStream = Callable[[int], AsyncIterator[int]]
+"""Opens request i's stream and yields the number of new tokens in each chunk as it arrives."""
+
+
+async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: int,
+                      errors: tuple[type[BaseException], ...]) -> LoadResult:
+    """Run requests 0..n-1 through `open_stream` with `concurrency` in flight; any server (gRPC, HTTP).
+
+    A request whose stream raises one of `errors` counts as an error and its tokens are dropped.
+    TTFT is measured to the first chunk carrying a token, TPOT over the tokens after it.
+    """
+    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first, n = None, 0
+            try:
+                async for k in open_stream(i):
+                    if k and first is None:
+                        first = time.perf_counter()
+                    n += k
+            except errors:
+                out["errors"] += 1
+                return
+            end = time.perf_counter()
+            out["tokens"] += n
+            if first is not None:
+                out["ttft"].append(first - t0)
+                if n > 1:
+                    out["tpot"].append((end - first) / (n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n_requests)))
+    wall = time.perf_counter() - t0
+    return LoadResult(n_requests, out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
+
+
+def grpc_request(prompt: str | list[int], adapter: str, max_new: int) -> pb.GenerateRequest:
+    """Greedy request for exactly `max_new` tokens (EOS ignored); `prompt` is text or token ids;
+    `adapter` is an adapter id, "" for the base model, or a weighted LoRA mix "a=1,b=0.5"."""
+    req = pb.GenerateRequest(params=pb.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.prompt_token_ids.ids.extend(prompt)
+    if "=" in adapter:
         for part in adapter.split(","):
             name, weight = part.split("=")
             req.adapters.append(pb.AdapterWeight(adapter_id=name, weight=float(weight)))
     else:
         req.adapter_id = adapter
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    try:
-        async for chunk in stub.GenerateStream(req, timeout=600):
-            if chunk.token_ids and first is None:
-                first = time.perf_counter()
-            n += len(chunk.token_ids)
-    except grpc.RpcError:
-        out["errors"] += 1
-        return
-    end = time.perf_counter()
-    out["tokens"] += n
-    if first is not None:
-        out["ttft"].append(first - t0)
-        if n > 1:
-            out["tpot"].append((end - first) / (n - 1))
+    return req
 
 
-async def run_load(target: str, prompts: list[str], adapters: list[str], max_new: int,
+async def run_load(target: str, prompts: list[str] | list[list[int]], adapters: list[str], max_new: int,
                    concurrency: int) -> LoadResult:
     """Send len(prompts) requests (request i uses adapters[i % len]) with `concurrency` in flight."""
-    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        sem = asyncio.Semaphore(concurrency)
 
-        async def guarded(i: int, p: str) -> None:
-            async with sem:
-                await _one(stub, p, adapters[i % len(adapters)], max_new, out)
+        async def stream(i: int) -> AsyncIterator[int]:
+            req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
+            async for chunk in stub.GenerateStream(req, timeout=600):
+                yield len(chunk.token_ids)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(guarded(i, p) for i, p in enumerate(prompts)))
-        wall = time.perf_counter() - t0
-    return LoadResult(len(prompts), out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
+        return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,))
 
 
 def median(xs: list[float]) -> float:

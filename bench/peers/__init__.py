@@ -1,0 +1,1 @@
+"""Peer servers a user would otherwise pick, measured against adapterserve in the same run."""
