@@ -21,7 +21,10 @@ COPY proto ./proto
 COPY server ./server
 COPY clients ./clients
 COPY training ./training
-RUN pip install . \
+# EXTRAS="[cluster]" adds Ray Serve for `python -m server.cluster` / KubeRay (deploy/rayservice.yaml).
+ARG EXTRAS=""
+# hadolint ignore=DL3013
+RUN pip install ".${EXTRAS}" \
     && useradd --create-home --uid 10001 adapterserve \
     && mkdir -p /var/cache/adapterserve /adapters \
     && chown adapterserve /var/cache/adapterserve /adapters

@@ -20,9 +20,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, threads: int = 0):
+    """`python -m <module>` (server, or server.cluster) on a free gRPC port; ready once health is SERVING."""
+
+    def __init__(self, *args: str, threads: int = 0, module: str = "server", ready_timeout: float = 300):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", module, "--port", str(self.port), *args]
         if "--metrics-port" not in args:
             cmd += ["--metrics-port", "0"]
         if "--http-port" not in args:
@@ -31,7 +33,7 @@ class ServerProcess:
             cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.target = f"127.0.0.1:{self.port}"
-        self._wait_ready()
+        self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 300) -> None:
         end = time.time() + timeout
@@ -47,6 +49,6 @@ class ServerProcess:
                     time.sleep(0.3)
         raise TimeoutError("server did not become ready")
 
-    def stop(self) -> int:
+    def stop(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        return self.proc.wait(timeout)

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from server.cluster.config import ClusterConfig
+from server.cluster.config import ClusterConfig, parse_cluster_config
 from server.cluster.ingress import ingress_class
 from server.cluster.replica import EngineReplica
 
@@ -63,6 +63,18 @@ def build_application(cfg: ClusterConfig) -> serve.Application:
                                max_ongoing_requests=max(1024, 4 * (cfg.max_batch_size + cfg.max_queue)),
                                ray_actor_options={"num_cpus": 0})(ingress_class())
     return ingress.bind(engine, cfg)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (``import_path: server.cluster.deploy:app_builder`` in a Serve config or a
+    KubeRay RayService, see deploy/rayservice.yaml): ``args`` are flags without the dashes
+    (``{"model": "default", "replicas": 2}``), over ADAPTERSERVE_* variables and the defaults."""
+    argv: list[str] = []
+    for key, value in (args or {}).items():
+        flag = "--" + str(key).replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            argv += [flag, str(item)]
+    return build_application(parse_cluster_config(argv))
 
 
 class Cluster:

@@ -37,3 +37,21 @@ def test_bad_flags_are_refused_naming_the_flag(argv, flag):
 def test_cli_exits_2_on_a_bad_flag(capsys):
     assert main(["--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
+
+
+def test_rayservice_manifest_builds_the_application():
+    """deploy/rayservice.yaml's Serve config: its import path builds the app from its args; its gRPC
+    servicer function is importable (what Serve's proxy imports)."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve._private.utils import import_attr
+
+    docs = list(yaml.safe_load_all((Path(__file__).parents[2] / "deploy" / "rayservice.yaml").read_text()))
+    serve_config = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])
+    app = serve_config["applications"][0]
+    assert app["import_path"] == "server.cluster.deploy:app_builder"
+    built = import_attr(app["import_path"])(app["args"])
+    assert type(built).__name__ == "Application"
+    for fn in serve_config["grpc_options"]["grpc_servicer_functions"]:
+        assert callable(import_attr(fn))
