@@ -25,7 +25,9 @@ from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from server.adapters.catalog import AdapterCatalog
 from server.adapters.formats import AdapterLimits
+from server.adapters.lazy import LazyAdapters
 from server.adapters.residency import Residency
+from server.adapters.store import AdapterStore
 from server.api.adapters import AdapterServicer
 from server.api.core import GenerationCore
 from server.api.generation import GenerationServicer
@@ -79,6 +81,8 @@ class ServerApp:
             kv_allocation=cfg.kv_allocation, metrics=self.metrics, watchdog_seconds=cfg.watchdog_seconds)
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens,
                                             max_bottleneck_width=cfg.max_bottleneck_width)
+        self.store = AdapterStore(cfg.adapter_root, args, self.adapter_limits)
+        self.lazy = LazyAdapters(self.adapters, self.store) if cfg.lazy_adapters else None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -126,7 +130,7 @@ class ServerApp:
         limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size,
                         max_adapters_per_request=cfg.max_adapters_per_request)
-        self.core = GenerationCore(self.engine, self.adapters, self.model.tokenizer, limits, self.metrics)
+        self.core = GenerationCore(self.engine, self.adapters, self.model.tokenizer, limits, self.metrics, self.lazy)
         self.generation_servicer = GenerationServicer(self.core, self.model_info())
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation_servicer, server)
         adapter_servicer = self.adapter_servicer = AdapterServicer(self.adapters, self.model.args, cfg.adapter_root,
@@ -221,6 +225,8 @@ class ServerApp:
             stops.append(self._http.stop(1.0))
         await asyncio.gather(*stops)
         self.engine.stop()
+        if self.lazy is not None:
+            self.lazy.close()
         self.metrics.stop_http()
         if self._stopped is not None:
             self._stopped.set()

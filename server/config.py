@@ -76,7 +76,11 @@ class ServerConfig:
                                    "NOT_SERVING, waiting and new requests UNAVAILABLE (0 = no limit; a dead engine "
                                    "thread is always detected).", "engine")
     # -- adapters
-    adapter_root: str = _opt(".", "Folder that RegisterAdapter paths are resolved under.", "adapters")
+    adapter_root: str = _opt(".", "Folder that RegisterAdapter paths are resolved under, and the adapter store "
+                             "(one folder per adapter id) that --lazy-adapters loads from.", "adapters")
+    lazy_adapters: bool = _opt(False, "A request naming an adapter id that is not registered registers "
+                               "<adapter-root>/<id> on first use (as RegisterAdapter would; NOT_FOUND when there is "
+                               "no such folder).", "adapters", action=argparse.BooleanOptionalAction)
     preload: list[str] = _opt([], "ID=PATH adapter to register at start (repeatable).", "adapters", action="append")
     max_resident_adapters: int = _opt(16, "Most LoRA adapters in compute-device slots at once.", "adapters")
     adapter_memory_bytes: int = _opt(2 * 1024**3, "Device memory budget for resident adapter weights.", "adapters")
@@ -191,8 +195,17 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return cfg
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False,
+          "": False}
+
+
 def _from_env(f: dataclasses.Field, raw: str) -> Any:
     kind = str(f.type)
+    if kind == "bool":
+        value = raw.strip().lower()
+        if value not in _BOOLS:
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must be one of {sorted(_BOOLS)}, got {raw!r}")
+        return _BOOLS[value]
     try:
         if kind == "int":
             return int(raw)

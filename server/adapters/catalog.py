@@ -50,8 +50,9 @@ class AdapterCatalog:
         self._keys = itertools.count(1)
 
     def register(self, adapter_id: str, spec: AdapterSpec, *, merge: bool = False, pin: bool = False,
-                 replace: bool = False, timeout: float = 120.0) -> AdapterEntry:
-        """Install an adapter; returns when it can serve the very next request."""
+                 replace: bool = False, timeout: float = 120.0, version: str = "") -> AdapterEntry:
+        """Install an adapter; returns when it can serve the very next request. `version`: the adapter
+        store's version of `spec` (server.adapters.store), kept on the entry to tell when it is stale."""
         if merge and spec.kind not in MERGEABLE:
             raise AdapterPreconditionError(
                 f"merge: only {', '.join(k.value for k in MERGEABLE)} adapters can be merged, not {spec.kind.value}")
@@ -61,7 +62,8 @@ class AdapterCatalog:
                 if old is not None and not replace:
                     raise AdapterExistsError(
                         f"adapter_id {adapter_id!r} is already registered (set replace to swap it)")
-                entry = AdapterEntry(adapter_id, spec, next(self._keys), pinned=pin, merge_requested=merge)
+                entry = AdapterEntry(adapter_id, spec, next(self._keys), pinned=pin, merge_requested=merge,
+                                     version=version)
             t0 = time.perf_counter()
             try:
                 self.commands.call(lambda: self.residency.install(entry, old)).result(timeout)
@@ -97,6 +99,17 @@ class AdapterCatalog:
                 self._free(entry).result(60)
         self._report()
         return entry
+
+    def evict(self, adapter_id: str) -> bool:
+        """Unregister `adapter_id` if it is registered (False if not): new requests stop at once, running
+        ones finish, then it is freed from memory and its device slot. Blocks (an engine round trip):
+        call from a worker thread, e.g. ``await asyncio.to_thread(catalog.evict, id)``. With
+        ``--lazy-adapters`` the next request for it loads the store's current version."""
+        try:
+            self.unregister(adapter_id)
+        except AdapterNotFoundError:
+            return False
+        return True
 
     def acquire(self, adapter_id: str) -> AdapterEntry:
         """Take a reference for a new request; NOT_FOUND for unknown or draining ids."""

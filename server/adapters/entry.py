@@ -59,6 +59,7 @@ class AdapterEntry:
     merge_requested: bool = False
     registered_at: float = field(default_factory=time.time)
     load_ms: float = 0.0
+    version: str = ""  # the adapter store's version it was loaded from ("" when registered otherwise)
     # -- catalog state: written under the catalog's lock
     draining: bool = False
     refs: int = 0  # requests submitted and not finished

@@ -52,7 +52,7 @@ from server.model.config import LINEAR_MODULES, ModelArgs
 __all__ = [
     "AdapterFormatError", "AdapterKind", "AdapterLimits", "AdapterPathError", "AdapterSpec", "LoraModule",
     "LoraWeights", "PrefixWeights", "PromptWeights", "load_adapter_dir", "load_adapter_files", "lora_scale",
-    "max_adapter_file_bytes", "resolve_adapter_path", "validate_adapter_id",
+    "max_adapter_file_bytes", "read_adapter_dir", "resolve_adapter_path", "validate_adapter_id",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -217,6 +217,14 @@ def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits
     With `root` (the server's ``--adapter-root``), each file must resolve inside it: a file that
     is a symlink leading out of the root is refused (AdapterPathError) before it is opened.
     """
+    config_json, weights = read_adapter_dir(folder, model, limits, root)
+    return load_adapter_files(config_json, weights, model, limits)
+
+
+def read_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits,
+                     root: str | Path | None = None) -> tuple[bytes, torch.Tensor]:
+    """The bytes of a folder's two files (config, weights as a uint8 tensor), read with the same
+    containment and size caps as :func:`load_adapter_dir`, not yet parsed (see :func:`load_adapter_files`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterPathError("adapter folder does not exist")
@@ -242,7 +250,7 @@ def load_adapter_dir(folder: str | Path, model: ModelArgs, limits: AdapterLimits
                                  f"(max_lora_rank={limits.max_lora_rank}, "
                                  f"max_virtual_tokens={limits.max_virtual_tokens}, "
                                  f"max_bottleneck_width={limits.max_bottleneck_width}: {cap} bytes)")
-    return load_adapter_files(config_json, weights, model, limits)
+    return config_json, weights
 
 
 def load_adapter_files(

@@ -26,6 +26,7 @@ import grpc
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.adapters.catalog import AdapterCatalog
+from server.adapters.lazy import LazyAdapters
 from server.api.errors import error_message, status_for
 from server.api.validation import Limits, adapter_mix, prompt_ids, sampling
 from server.engine.engine import Engine
@@ -179,9 +180,10 @@ class GenerationCore:
     """Validates, submits and records generation requests for every API (event loop only)."""
 
     def __init__(self, engine: Engine, adapters: AdapterCatalog, tokenizer: Tokenizer, limits: Limits,
-                 metrics: ServerMetrics | None = None):
+                 metrics: ServerMetrics | None = None, lazy: LazyAdapters | None = None):
         self.engine = engine
         self.adapters = adapters
+        self.lazy = lazy  # --lazy-adapters: unregistered ids are loaded from the adapter store on first use
         self.tokenizer = tokenizer
         self.limits = limits
         self.metrics = metrics
@@ -239,6 +241,7 @@ class GenerationCore:
             except ValueError as e:
                 raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
             if mix:  # a weighted LoRA mix: every part acquired, or none
+                await self._load_lazily([(f"adapters[{i}].adapter_id", a) for i, (a, _) in enumerate(mix)], outcome)
                 try:
                     entry = self.adapters.acquire_mix(mix)
                 except (LookupError, ValueError) as e:
@@ -246,6 +249,7 @@ class GenerationCore:
                     raise GenerationError(status_for(e) or grpc.StatusCode.INVALID_ARGUMENT, error_message(e)) from e
                 outcome.adapter_id = outcome.metrics_adapter = entry.adapter_id
             elif request.adapter_id:
+                await self._load_lazily([("adapter_id", request.adapter_id)], outcome)
                 try:
                     entry = self.adapters.acquire(request.adapter_id)
                 except LookupError as e:
@@ -266,6 +270,38 @@ class GenerationCore:
             if entry is not None:
                 self.adapters.release(entry)
             raise
+
+    async def _load_lazily(self, named: list[tuple[str, str]], outcome: Outcome) -> None:
+        """With --lazy-adapters, register each (field, adapter id) not registered yet from the adapter store,
+        off the event loop, one load per id however many requests wait for it (server.adapters.lazy).
+        Raises GenerationError: NOT_FOUND when the store has no such folder, else the status RegisterAdapter
+        would give, the message naming the request's field."""
+        if self.lazy is None:
+            return
+        loads = []
+        for field, adapter_id in named:
+            try:
+                loads.append((field, self.lazy.ensure(adapter_id)))
+            except ValueError as e:  # an id the store cannot hold ('..', '/', ...)
+                raise self._load_error(field, e, outcome) from e
+        for field, load in loads:
+            try:
+                if load.done():  # registered already: no loop round trip
+                    load.result()
+                else:  # shield: a waiter that goes away must not cancel the load the others wait for
+                    await asyncio.shield(asyncio.wrap_future(load))
+            except Exception as e:
+                raise self._load_error(field, e, outcome) from e
+
+    @staticmethod
+    def _load_error(field: str, e: Exception, outcome: Outcome) -> GenerationError:
+        outcome.metrics_adapter = OTHER_LABEL  # ids that never loaded must not mint label values
+        code = status_for(e)
+        if code is None:
+            log.error("loading an adapter from the store failed", exc_info=e)
+            code = grpc.StatusCode.INTERNAL
+        message = error_message(e)
+        return GenerationError(code, message if code == grpc.StatusCode.NOT_FOUND else f"{field}: {message}")
 
     def _submit(self, req: Request) -> None:
         try:

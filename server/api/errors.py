@@ -12,6 +12,7 @@ from server.adapters.entry import (
     InvalidMixError,
 )
 from server.adapters.formats import AdapterFormatError, AdapterPathError
+from server.adapters.store import AdapterStoreError
 from server.engine.engine import EngineUnavailableError
 from server.engine.scheduler import QueueFullError
 
@@ -28,6 +29,7 @@ _MAPPING: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (AdapterExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterStoreError, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),

@@ -32,6 +32,13 @@ def test_help_documents_every_flag_and_its_env_variable():
         assert f"ADAPTERSERVE_{f.name.upper()}" in out.replace("\n", "").replace(" ", "")
 
 
+def test_boolean_flags_and_their_env_twins():
+    assert parse_config([], env={}).lazy_adapters is False
+    assert parse_config(["--lazy-adapters"], env={}).lazy_adapters is True
+    assert parse_config([], env={"ADAPTERSERVE_LAZY_ADAPTERS": "true"}).lazy_adapters is True
+    assert parse_config(["--no-lazy-adapters"], env={"ADAPTERSERVE_LAZY_ADAPTERS": "1"}).lazy_adapters is False
+
+
 def test_flags_override_env_which_overrides_defaults():
     cfg = parse_config(["--port", "1234"], env={"ADAPTERSERVE_PORT": "999", "ADAPTERSERVE_MAX_QUEUE": "7",
                                                 "ADAPTERSERVE_PRELOAD": "a=x b=y"})
@@ -44,6 +51,7 @@ def test_flags_override_env_which_overrides_defaults():
     (["--preload", "noequals"], {}, "--preload expects ID=PATH"),
     ([], {"ADAPTERSERVE_KV_CACHE_TOKENS": "lots"}, "ADAPTERSERVE_KV_CACHE_TOKENS: not a number"),
     ([], {"ADAPTERSERVE_DTYPE": "int3"}, "ADAPTERSERVE_DTYPE must be one of"),
+    ([], {"ADAPTERSERVE_LAZY_ADAPTERS": "maybe"}, "ADAPTERSERVE_LAZY_ADAPTERS must be one of"),
 ])
 def test_bad_config_is_refused_naming_the_flag(argv, env, message):
     with pytest.raises(ConfigError, match=message):

@@ -113,6 +113,11 @@ def build_app(ctx: HttpContext) -> HttpApp:
             {"id": e.adapter_id, "object": "model", "created": int(e.registered_at), "owned_by": "adapterserve",
              "root": e.adapter_id, "parent": ctx.model_name}
             for e in ctx.adapter_service.manager.list() if not e.draining]
+        if ctx.core.lazy is not None:  # --lazy-adapters: the store's ids not loaded yet can be asked for too
+            listed = {m["id"] for m in data}
+            stored = await asyncio.get_running_loop().run_in_executor(None, ctx.core.lazy.store.list_ids)
+            data += [{"id": i, "object": "model", "created": ctx.created, "owned_by": "adapterserve", "root": i,
+                      "parent": ctx.model_name} for i in stored if i not in listed]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(user)])
@@ -150,6 +155,8 @@ def _resolve_model(ctx: HttpContext, model: str) -> tuple[str, str]:
     try:
         ctx.adapter_service.manager.get(name)
     except LookupError:
+        if ctx.core.lazy is not None:  # --lazy-adapters: the core loads it from the store, or answers 404
+            return model, name
         raise OpenAIError(404, f"model: {model!r} is neither the base model {ctx.model_name!r} nor a registered "
                                "adapter (GET /v1/models lists them)", param="model", code="model_not_found") from None
     return model, name

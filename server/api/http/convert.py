@@ -17,6 +17,7 @@ from server.engine.request import FinishEvent, FinishReason, TokenLogprob
 
 # Field names of the shared validation's messages -> the OpenAI body's names.
 FIELD_NAMES = {
+    "adapter_id": "model",
     "params.max_new_tokens": "max_tokens",
     "params.min_new_tokens": "min_tokens",
     "params.temperature": "temperature",
