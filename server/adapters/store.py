@@ -56,6 +56,7 @@ from server.adapters.formats import (
     _os_reason,
     load_adapter_files,
     read_adapter_dir,
+    resolve_adapter_path,
     validate_adapter_id,
 )
 from server.adapters.safetensors_file import WEIGHTS_NAME
@@ -232,6 +233,20 @@ class AdapterStore:
                     shutil.rmtree(gone, ignore_errors=True)
         log.info("stored adapter %s version %s (%s)", adapter_id, version, spec.kind.value)
         return StoredAdapter(adapter_id, version, spec)
+
+    def write_folder(self, adapter_id: str, rel_path: str, *, replace: bool = False) -> StoredAdapter:
+        """:meth:`write` the adapter folder at `rel_path` under the root (RegisterAdapter's ``path``: same
+        containment rules). When `rel_path` is the id's own folder in the store, nothing is written."""
+        check_store_id(adapter_id)
+        folder = resolve_adapter_path(self._root(), rel_path)
+        try:
+            own = self.folder(adapter_id)
+        except AdapterNotFoundError:
+            own = None
+        if own == folder:
+            return self.load(adapter_id)
+        config_json, weights = read_adapter_dir(folder, self.model, self.limits, root=self._root())
+        return self.write(adapter_id, config_json, weights, replace=replace)
 
     def remove(self, adapter_id: str) -> bool:
         """Remove `adapter_id` from the store; False when it held nothing under that id. A symlink is

@@ -230,3 +230,16 @@ def test_two_writers_sharing_a_root_leave_one_whole_version(store, sources):
     version = store.version("x")
     assert version in {content_version(*_files(sources[n])) for n in "ab"}
     assert sorted(p.name for p in (store.root / ".store").iterdir()) == ["lock", f"x@{version}"]
+
+
+def test_write_folder_copies_a_folder_under_the_root_and_keeps_the_ids_own(store, sources):
+    import shutil
+
+    shutil.copytree(sources["a"], store.root / "runs" / "a")
+    written = store.write_folder("copy", "runs/a")
+    assert written.version == content_version(*_files(sources["a"])) == store.version("copy")
+    with pytest.raises(AdapterPathError, match="contains '..'"):
+        store.write_folder("up", "../outside")
+    shutil.copytree(sources["b"], store.root / "own")
+    assert store.write_folder("own", "own").version == content_version(*_files(sources["b"]))
+    assert (store.root / "own").is_dir() and not (store.root / "own").is_symlink()  # left as it was
