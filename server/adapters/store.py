@@ -23,8 +23,9 @@ the same version, so a replica holding an adapter compares its version with :met
 Ids follow RegisterAdapter's rules; ids starting with '.' are the store's own. Every path stays inside
 the root: symlinks leading out of it, symlink loops, files where a folder is expected, FIFOs and
 oversize files are refused (AdapterPathError / AdapterFormatError: INVALID_ARGUMENT); nothing at
-``<root>/<id>`` is AdapterNotFoundError (NOT_FOUND). Messages name the adapter, never the server's paths,
-and no request field: callers prefix the field (``adapter_id: ...``).
+``<root>/<id>`` is AdapterNotFoundError (NOT_FOUND). Messages name the adapter, never the server's paths;
+reads name no request field (callers prefix theirs: ``adapter_id: ...``, ``adapters[1].adapter_id: ...``),
+writes name ``adapter_id`` (the admin requests' field).
 
 Threads: any thread but the event loop (every method does file I/O).
 """
@@ -100,8 +101,16 @@ def check_store_id(adapter_id: str) -> None:
     except AdapterFormatError:
         ok = False
     if not ok:
-        raise AdapterFormatError(f"{repr(adapter_id)[:40]} is not a valid adapter id: use 1-128 characters of "
+        raise AdapterFormatError(f"{adapter_id[:40]!r} is not a valid adapter id: use 1-128 characters of "
                                  "A-Z a-z 0-9 . _ - not starting with '.'")
+
+
+def _check_request_id(adapter_id: str) -> None:
+    """check_store_id, the message naming the field of the admin requests that write (``adapter_id``)."""
+    try:
+        check_store_id(adapter_id)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"adapter_id: {e}") from None
 
 
 class AdapterStore:
@@ -199,7 +208,7 @@ class AdapterStore:
         `replace` is not set; a replace removes the old content after the swap. Returns the parsed
         adapter (ready to register) and its version.
         """
-        check_store_id(adapter_id)
+        _check_request_id(adapter_id)
         data = weights if isinstance(weights, bytes) else bytes(memoryview(weights.numpy()))
         version = content_version(config_json, data)
         spec = load_adapter_files(config_json, data, self.model, self.limits)
@@ -207,7 +216,7 @@ class AdapterStore:
             link = root / adapter_id
             present = os.path.lexists(link)
             if present and not replace:
-                raise AdapterExistsError(f"adapter {adapter_id!r} is already in the adapter store "
+                raise AdapterExistsError(f"adapter_id {adapter_id!r} is already in the adapter store "
                                          "(set replace to swap it)")
             final = store / f"{adapter_id}@{version}"
             if not final.is_dir():  # the same content may be stored already
@@ -237,7 +246,7 @@ class AdapterStore:
     def write_folder(self, adapter_id: str, rel_path: str, *, replace: bool = False) -> StoredAdapter:
         """:meth:`write` the adapter folder at `rel_path` under the root (RegisterAdapter's ``path``: same
         containment rules). When `rel_path` is the id's own folder in the store, nothing is written."""
-        check_store_id(adapter_id)
+        _check_request_id(adapter_id)
         folder = resolve_adapter_path(self._root(), rel_path)
         try:
             own = self.folder(adapter_id)
@@ -251,7 +260,7 @@ class AdapterStore:
     def remove(self, adapter_id: str) -> bool:
         """Remove `adapter_id` from the store; False when it held nothing under that id. A symlink is
         removed, never what it points to."""
-        check_store_id(adapter_id)
+        _check_request_id(adapter_id)
         with self._writing(adapter_id) as (root, store):
             link = root / adapter_id
             if not os.path.lexists(link):

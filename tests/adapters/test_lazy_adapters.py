@@ -128,18 +128,24 @@ def test_escapes_are_refused_naming_the_field(lazy, adapter_id, fragment):
     assert adapter_id not in listed(lazy)
 
 
-def _hold_loads(srv, monkeypatch, release: threading.Event) -> list[str]:
-    """Make the server's store reads wait for `release`; returns the ids read, in order."""
-    store = srv.app.lazy.store
-    real, calls = store.load, []
+def _hold_loads(srv, monkeypatch, release: threading.Event) -> tuple[list[str], list[str]]:
+    """Make the server's store reads wait for `release`; returns the ids read and the ids requests asked
+    for (``LazyAdapters.ensure`` calls), in order."""
+    store, lazy = srv.app.lazy.store, srv.app.lazy
+    real_load, real_ensure, calls, asked = store.load, lazy.ensure, [], []
 
     def held(adapter_id):
         calls.append(adapter_id)
         assert release.wait(60)
-        return real(adapter_id)
+        return real_load(adapter_id)
+
+    def ensure(adapter_id):
+        asked.append(adapter_id)
+        return real_ensure(adapter_id)
 
     monkeypatch.setattr(store, "load", held)
-    return calls
+    monkeypatch.setattr(lazy, "ensure", ensure)
+    return calls, asked
 
 
 def _wait_for(predicate, what: str) -> None:
@@ -151,11 +157,11 @@ def _wait_for(predicate, what: str) -> None:
 
 def test_concurrent_first_requests_load_once_without_blocking_others(lazy, monkeypatch):
     release = threading.Event()
-    calls = _hold_loads(lazy, monkeypatch, release)
+    calls, asked = _hold_loads(lazy, monkeypatch, release)
     before = loads(lazy)
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         waiting = [pool.submit(gen, lazy, "lora2") for _ in range(20)]
-        _wait_for(lambda: calls, "no load started")
+        _wait_for(lambda: len(asked) == 20, "not every request reached the server")
         impatient = pool.submit(gen, lazy, "lora2", timeout=0.5)  # goes away while the load is held
         with pytest.raises(grpc.RpcError) as info:
             impatient.result()
@@ -175,10 +181,10 @@ def test_a_failed_load_fails_every_waiter_alike_and_is_retried_later(lazy, lazy_
     broken.mkdir()
     (broken / "adapter_model.bin").write_bytes(b"pickle")
     release = threading.Event()
-    calls = _hold_loads(lazy, monkeypatch, release)
+    calls, asked = _hold_loads(lazy, monkeypatch, release)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         waiting = [pool.submit(gen, lazy, "later") for _ in range(8)]
-        _wait_for(lambda: calls, "no load started")
+        _wait_for(lambda: len(asked) == 8, "not every request reached the server")
         release.set()
         errors = []
         for f in waiting:

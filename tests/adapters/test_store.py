@@ -73,7 +73,7 @@ def test_hand_placed_folder_is_read_and_versioned_by_content(store, sources):
 
 def test_write_refuses_a_taken_id_and_replace_swaps_with_a_new_version(store, sources):
     v1 = store.write("x", *_files(sources["a"])).version
-    with pytest.raises(AdapterExistsError, match="already in the adapter store"):
+    with pytest.raises(AdapterExistsError, match="^adapter_id 'x' is already in the adapter store"):
         store.write("x", *_files(sources["b"]))
     assert store.version("x") == v1
     v2 = store.write("x", *_files(sources["b"]), replace=True).version
@@ -123,12 +123,12 @@ ID_REFUSALS = ["..", "../a", "a/b", "/etc", ".store", ".hidden", "", "x" * 129, 
 
 @pytest.mark.parametrize("adapter_id", ID_REFUSALS, ids=repr)
 def test_ids_outside_the_rules_are_refused_for_reads_and_writes(store, sources, adapter_id):
-    with pytest.raises(AdapterFormatError, match="is not a valid adapter id"):
+    with pytest.raises(AdapterFormatError, match="^'.*' is not a valid adapter id"):  # the caller names its field
         store.load(adapter_id)
-    with pytest.raises(AdapterFormatError, match="is not a valid adapter id"):
-        store.write(adapter_id, *_files(sources["a"]))
-    with pytest.raises(AdapterFormatError, match="is not a valid adapter id"):
-        store.remove(adapter_id)
+    for write in (lambda: store.write(adapter_id, *_files(sources["a"])), lambda: store.write_folder(adapter_id, "a"),
+                  lambda: store.remove(adapter_id)):  # writes name the admin requests' field
+        with pytest.raises(AdapterFormatError, match="^adapter_id: '.*' is not a valid adapter id"):
+            write()
 
 
 def test_paths_an_attacker_could_plant_are_refused(store, sources, tmp_path):
