@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 class KernelLora:
     """LoRA contributions of one step for rows with slots `row_slots` [B] (int64, -1 = none)."""
 
+    row_hooks = False  # LoRA only: the forward calls `apply` and no other server.model.llama.AdapterRows hook
+
     def __init__(self, slots: LoraSlots, row_slots: torch.Tensor):
         self.slots = slots
         self.row_slots = row_slots  # [B] on the device

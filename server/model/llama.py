@@ -34,7 +34,8 @@ class AdapterRows(Protocol):
     def scale_input(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
         """The input x [B, S, in] of projection `group`, as the projection should see it per row."""
 
-    # True when norm_weight / scale_input / output scales matter this step (the kernel path skips them).
+    # True when norm_weight / scale_input / block_output / output scales matter this step; when False the
+    # forward calls only `apply` (and the fused-kernel path may take the step).
     row_hooks: bool
 
     def plain_lora(self):
@@ -202,68 +203,114 @@ class LlamaRuntime:
         """Run one batch step; return logits [B, V] (float32) at each row's last new token,
         or [B, S, V] for every position when `all_logits`."""
         # The CUDA path: fused Triton kernels, decode steps replayed as CUDA graphs. Steps with per-row
-        # norm weights or scales (IA3, LN tuning, DoRA rows) take the torch path below.
+        # norm weights or scales (IA3, LN tuning, DoRA rows) take the torch path.
         if self.use_kernels and (step.lora is None or not step.lora.row_hooks):
             if self.graphs is not None and not all_logits and self.graphs.can_run(step, cache):
                 return self.graphs.run(step, cache)
             return kernel_forward(self, step, cache, all_logits)
+        return self.forward_layers(step, TorchOps(self, step, cache), all_logits)
+
+    def forward_layers(self, step: StepInput, ops: StepOps, all_logits: bool = False) -> torch.Tensor:
+        """The layer structure every path shares; `ops` does the attention and the (residual add +) norms:
+        TorchOps here, server.model.kernel_forward.KernelOps on the fused Triton kernels."""
         a, w = self.args, self.w
         x = w.embed[step.input_ids] if step.input_embeds is None else step.input_embeds.to(self.dtype)  # [B, S, H]
-        bsz, seq = x.shape[:2]
-        offs = torch.arange(seq, device=x.device)
-        q_index = step.start[:, None] + offs[None, :]  # [B, S] cache index = rotary position of each new token
-        valid = offs[None, :] < step.lengths[:, None]  # [B, S]
-        cos, sin = self.cos[q_index][:, None], self.sin[q_index][:, None]  # [B, 1, S, D]
-        write_slots = cache.slots(step.block_tables, torch.where(valid, q_index, 0))[valid]  # [N_valid]
-        kv_len = step.start + step.lengths  # [B]
-        t_max = int(kv_len.max())
-        k_index = torch.arange(t_max, device=x.device)  # [T]
-        k_pos = k_index.expand(bsz, t_max)  # [B, T]
-        owned = k_pos < kv_len[:, None]  # [B, T]: entries this row has written (prefix, prompt, output)
-        # Selected, not multiplied by zero: positions a row does not own read the zero null slot, so the
-        # masked scores are exactly -inf and their values exactly 0 (0 * NaN would be NaN).
-        read_flat = torch.where(owned, cache.slots(step.block_tables, k_pos), cache.null_slot).reshape(-1)  # [B*T]
-        mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
-        mask = mask[:, None]  # [B, 1, S, T]
         lora = step.lora
+        # Per-row norm weights, input scales and block outputs only where the step has such rows (IA3, LN
+        # tuning, DoRA, bottleneck): plain LoRA steps and the kernel path skip those hooks (identities there).
+        hooks = lora if lora is not None and lora.row_hooks else None
+        norm_w = w.layers[0].attn_norm if hooks is None else hooks.norm_weight(0, "attn_norm", w.layers[0].attn_norm)
+        _, h = ops.add_norm(x, None, norm_w)  # [B, S, H]: the first layer's input
+        last_layer = len(w.layers) - 1
         for i, layer in enumerate(w.layers):
-            norm_w = layer.attn_norm if lora is None else lora.norm_weight(i, "attn_norm", layer.attn_norm)
-            h = rms_norm(x, norm_w, a.rms_norm_eps)
             proj = self.proj[i]
-            qkv = proj["qkv"](h if lora is None else lora.scale_input(i, "qkv", h))  # [B, S, q + 2kv]
+            qkv = proj["qkv"](h if hooks is None else hooks.scale_input(i, "qkv", h))  # [B, S, q + 2kv]
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
-            q = qkv[..., self.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
-            k = qkv[..., self.qkv_slices["k_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            v = qkv[..., self.qkv_slices["v_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim)  # [B, S, Hkv, D]
-            q = q * cos + rotate_half(q) * sin  # [B, H, S, D]
-            k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, S, Hkv, D]
-            cache.k[i][write_slots] = k[valid]
-            cache.v[i][write_slots] = v[valid]
-            kv_shape = (bsz, t_max, a.num_kv_heads, a.head_dim)
-            keys = cache.k[i].index_select(0, read_flat).view(kv_shape).transpose(1, 2)  # [B, Hkv, T, D]
-            values = cache.v[i].index_select(0, read_flat).view(kv_shape).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B, H, S, D]
-            attn = attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
-            out = proj["o"](attn if lora is None else lora.scale_input(i, "o", attn))
+            attn = ops.attention(i, qkv)  # [B, S, H*D]
+            out = proj["o"](attn if hooks is None else hooks.scale_input(i, "o", attn))
             if lora is not None:
                 lora.apply(i, "o", attn, out)
-                lora.block_output(i, "attn", x, out)
-            x = x + out
-            norm_w = layer.mlp_norm if lora is None else lora.norm_weight(i, "mlp_norm", layer.mlp_norm)
-            h = rms_norm(x, norm_w, a.rms_norm_eps)
-            gate_up = proj["gate_up"](h if lora is None else lora.scale_input(i, "gate_up", h))  # [B, S, 2*inter]
+            if hooks is not None:
+                hooks.block_output(i, "attn", x, out)
+            norm_w = layer.mlp_norm if hooks is None else hooks.norm_weight(i, "mlp_norm", layer.mlp_norm)
+            x, h = ops.add_norm(x, out, norm_w)  # x + out, and its norm
+            gate_up = proj["gate_up"](h if hooks is None else hooks.scale_input(i, "gate_up", h))  # [B, S, 2*inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [B, S, inter]
-            down = proj["down"](act if lora is None else lora.scale_input(i, "down", act))
+            down = proj["down"](act if hooks is None else hooks.scale_input(i, "down", act))
             if lora is not None:
                 lora.apply(i, "down", act, down)
-                lora.block_output(i, "mlp", x, down)
-            x = x + down
-        norm_w = w.norm if lora is None else lora.norm_weight(a.num_layers, "norm", w.norm)  # [H] or [B, 1, H]
-        if all_logits:
-            return self.lm_head(rms_norm(x, norm_w, a.rms_norm_eps)).float()  # [B, S, V]
-        last = x[torch.arange(bsz, device=x.device), step.lengths - 1]  # [B, H]
-        return self.lm_head(rms_norm(last[:, None], norm_w, a.rms_norm_eps)[:, 0]).float()  # [B, V]
+            if hooks is not None:
+                hooks.block_output(i, "mlp", x, down)
+            if i < last_layer:  # h: the next layer's input
+                norm_w = w.layers[i + 1].attn_norm
+                norm_w = norm_w if hooks is None else hooks.norm_weight(i + 1, "attn_norm", norm_w)
+            else:  # h: the final norm, over each row's last new token only unless all_logits
+                norm_w = w.norm if hooks is None else hooks.norm_weight(a.num_layers, "norm", w.norm)  # [H] or [B, 1, H]
+                if not all_logits:
+                    last = (torch.arange(x.shape[0], device=x.device), step.lengths - 1)
+                    x, down = x[last][:, None], down[last][:, None]  # [B, 1, H]
+            x, h = ops.add_norm(x, down, norm_w)
+        return self.logits(h if all_logits else h[:, 0])  # [B, S, V] or [B, V]
+
+
+class StepOps(Protocol):
+    """What differs between the torch path and the fused-kernel path inside one step's layers."""
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, RMSNorm of it with `weight` [H] or [B, 1, H]) for x, delta [B, S, H]; delta None: (x, norm(x))."""
+
+    def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Rotate the new tokens' q/k of qkv [B, S, q + 2kv], write k/v into the pages of `layer`,
+        attend over each row's pages -> [B, S, H*D]."""
+
+
+class TorchOps:
+    """The CPU path: K/V gathered into a contiguous copy per layer, then SDPA; torch RMSNorm."""
+
+    def __init__(self, rt: LlamaRuntime, step: StepInput, cache: PagedKVCache):
+        self.rt, self.cache = rt, cache
+        self.eps = rt.args.rms_norm_eps
+        bsz, seq = step.input_ids.shape[:2] if step.input_embeds is None else step.input_embeds.shape[:2]
+        dev = step.start.device
+        offs = torch.arange(seq, device=dev)
+        q_index = step.start[:, None] + offs[None, :]  # [B, S] cache index = rotary position of each new token
+        self.valid = offs[None, :] < step.lengths[:, None]  # [B, S]
+        self.cos, self.sin = rt.cos[q_index][:, None], rt.sin[q_index][:, None]  # [B, 1, S, D]
+        self.write_slots = cache.slots(step.block_tables, torch.where(self.valid, q_index, 0))[self.valid]  # [N_valid]
+        kv_len = step.start + step.lengths  # [B]
+        t_max = int(kv_len.max())
+        k_index = torch.arange(t_max, device=dev)  # [T]
+        k_pos = k_index.expand(bsz, t_max)  # [B, T]
+        owned = k_pos < kv_len[:, None]  # [B, T]: entries this row has written (prefix, prompt, output)
+        # Selected, not multiplied by zero: positions a row does not own read the zero null slot, so the
+        # masked scores are exactly -inf and their values exactly 0 (0 * NaN would be NaN).
+        self.read_flat = torch.where(owned, cache.slots(step.block_tables, k_pos), cache.null_slot).reshape(-1)  # [B*T]
+        mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
+        self.mask = mask[:, None]  # [B, 1, S, T]
+        self.shape = (bsz, seq, t_max)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x if delta is None else x + delta
+        return x, rms_norm(x, weight, self.eps)
+
+    def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        a, rt, cache = self.rt.args, self.rt, self.cache
+        bsz, seq, t_max = self.shape
+        q = qkv[..., rt.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
+        k = qkv[..., rt.qkv_slices["k_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = qkv[..., rt.qkv_slices["v_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim)  # [B, S, Hkv, D]
+        q = q * self.cos + rotate_half(q) * self.sin  # [B, H, S, D]
+        k = (k * self.cos + rotate_half(k) * self.sin).transpose(1, 2)  # [B, S, Hkv, D]
+        cache.k[layer][self.write_slots] = k[self.valid]
+        cache.v[layer][self.write_slots] = v[self.valid]
+        kv_shape = (bsz, t_max, a.num_kv_heads, a.head_dim)
+        keys = cache.k[layer].index_select(0, self.read_flat).view(kv_shape).transpose(1, 2)  # [B, Hkv, T, D]
+        values = cache.v[layer].index_select(0, self.read_flat).view(kv_shape).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)  # [B, H, S, D]
+        return attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
