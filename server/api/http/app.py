@@ -237,7 +237,7 @@ async def _complete(ctx: HttpContext, request: Request, requests: list[pb.Genera
             if isinstance(ev, GenerationError):
                 raise _error(ev)
             shape.add(i, ev)
-    return JSONResponse(shape.response())
+    return JSONResponse(await shape.response())
 
 
 async def _sse(shape: _Shape, events, include_usage: bool) -> AsyncIterator[bytes]:
@@ -249,7 +249,7 @@ async def _sse(shape: _Shape, events, include_usage: bool) -> AsyncIterator[byte
             if isinstance(ev, GenerationError):
                 yield _event(_error(ev).body())  # the openai client raises APIError on an `error` event
                 return
-            yield _event(shape.stream_chunk(i, ev, include_usage))
+            yield _event(await shape.stream_chunk(i, ev, include_usage))
     if include_usage:
         yield _event({**shape.chunk_head(), "choices": [], "usage": shape.usage()})
     yield format_sse_event(data_str="[DONE]")
@@ -260,10 +260,16 @@ def _event(payload: dict) -> bytes:
 
 
 class _Shape:
-    """Builds one response in the chat or legacy completion shape from the choices' events."""
+    """Builds one response in the chat or legacy completion shape from the choices' events.
+
+    Logprob token texts (a detokenization per token and alternative) are named on the core's text
+    pool, never on the event loop, as gRPC's are; the TokenEvents' text comes detokenized from the
+    engine thread.
+    """
 
     def __init__(self, ctx: HttpContext, model: str, rid: str, chat: bool, choices: int, n: int):
         self.token_text = ctx.core.tokenizer.token_text
+        self.text_pool = ctx.core.text_pool
         self.model, self.rid, self.chat, self.choices, self.n = model, rid, chat, choices, n
         self.created = int(time.time())
         self.text = [""] * choices
@@ -306,18 +312,25 @@ class _Shape:
             out["usage"] = None
         return out
 
-    def stream_chunk(self, i: int, ev: object, include_usage: bool) -> dict:
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
+
+    async def stream_chunk(self, i: int, ev: object, include_usage: bool) -> dict:
         offset = len(self.text[i])
         self.add(i, ev)
         if isinstance(ev, TokenEvent):
-            lp = self._logprobs(i, ev.logprobs, offset) if ev.logprobs else None
+            lp = await self._off_loop(self._logprobs, i, ev.logprobs, offset) if ev.logprobs else None
             return self.chunk(i, {"content": ev.text}, None, include_usage, lp)
         return self.chunk(i, {}, convert.finish_reason(ev), include_usage)
 
-    def response(self) -> dict:
+    def _all_logprobs(self) -> list[dict | None]:
+        return [self._logprobs(i, self.logprobs[i]) for i in range(self.choices)]
+
+    async def response(self) -> dict:
+        lps = await self._off_loop(self._all_logprobs) if any(self.want_logprobs) else [None] * self.choices
         choices = []
         for i in range(self.choices):
-            lp = self._logprobs(i, self.logprobs[i])
+            lp = lps[i]
             finish = convert.finish_reason(self.finish[i])
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": self.text[i],
