@@ -16,52 +16,39 @@ import json
 import os
 import statistics
 import tempfile
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench.adapters import build_adapters, register
-from bench.load import LoadResult, markdown_table, run_load
+from bench.load import LoadResult, markdown_table, run_load, run_streams
 from bench.server_process import ServerProcess, free_port
 from bench.serving import chat_prompts
 
 
 async def run_openai_load(base_url: str, prompts: list[str], adapters: list[str], max_new: int,
                           concurrency: int) -> LoadResult:
-    """The gRPC load of bench.load.run_load, through the official openai async client (streaming completions)."""
+    """The gRPC load of bench.load.run_load (the same loop: ``run_streams``), through the official openai
+    async client (streaming completions, request i with model = adapters[i % len])."""
     import openai
 
-    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
     client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-    sem = asyncio.Semaphore(concurrency)
 
-    async def one(i: int, prompt: str) -> None:
-        async with sem:
-            t0 = time.perf_counter()
-            first, n = None, 0
-            try:
-                stream = await client.completions.create(
-                    model=adapters[i % len(adapters)], prompt=prompt, max_tokens=max_new, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-                async for chunk in stream:
-                    if chunk.choices and first is None:
-                        first = time.perf_counter()
-                    if chunk.usage is not None:
-                        n = chunk.usage.completion_tokens
-            except openai.APIError:
-                out["errors"] += 1
-                return
-            end = time.perf_counter()
-            out["tokens"] += n
-            if first is not None:
-                out["ttft"].append(first - t0)
-                if n > 1:
-                    out["tpot"].append((end - first) / (n - 1))
+    async def stream(i: int) -> AsyncIterator[int]:
+        chunks = await client.completions.create(
+            model=adapters[i % len(adapters)], prompt=prompts[i], max_tokens=max_new, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        counted = 0
+        async for chunk in chunks:
+            if chunk.choices and chunk.choices[0].finish_reason is None:  # one token per chunk
+                counted += 1
+                yield 1
+            if chunk.usage is not None:  # the exact count (the difference is 0 unless chunks were merged)
+                yield chunk.usage.completion_tokens - counted
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    wall = time.perf_counter() - t0
-    await client.close()
-    return LoadResult(len(prompts), out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
+    try:
+        return await run_streams(stream, len(prompts), concurrency, (openai.APIError,))
+    finally:
+        await client.close()
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -21,6 +23,32 @@ from server.api.errors import InvalidRequestError, error_message, status_for
 from server.model.config import ModelArgs
 
 log = logging.getLogger("adapterserve.api")
+T = TypeVar("T")
+
+
+class AdapterOpError(Exception):
+    """An adapter operation failed with canonical status ``code``; ``message`` is for the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def run_adapter_op(fn: Callable[..., T], *args) -> T:
+    """Run an adapter operation (register, unregister, get) in a worker thread, never on the event loop.
+
+    Shared by AdapterService (gRPC) and the HTTP admin endpoints: a known error type becomes
+    :class:`AdapterOpError` with its status; anything else is a bug, logged with its traceback and INTERNAL.
+    """
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    except Exception as e:
+        code = status_for(e)
+        if code is None:
+            log.exception("adapter operation failed")
+            code = grpc.StatusCode.INTERNAL
+        raise AdapterOpError(code, error_message(e)) from e
 
 
 def adapter_message(e: AdapterEntry) -> pb.Adapter:
@@ -73,10 +101,6 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
 
     async def _call(self, context, fn, *args):
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        except Exception as e:
-            code = status_for(e)
-            if code is None:
-                log.exception("adapter operation failed")
-                code = grpc.StatusCode.INTERNAL
-            await context.abort(code, error_message(e))
+            return await run_adapter_op(fn, *args)
+        except AdapterOpError as e:
+            await context.abort(e.code, e.message)

@@ -8,10 +8,8 @@ Thread domain: handlers on the event loop; registration runs in a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import logging
 from collections.abc import Callable
 
 import grpc
@@ -20,12 +18,9 @@ from fastapi.responses import PlainTextResponse
 from google.protobuf.json_format import MessageToDict
 
 from adapterserve.v1 import adapterserve_pb2 as pb
-from server.api.adapters import adapter_message
-from server.api.errors import error_message, status_for
+from server.api.adapters import AdapterOpError, adapter_message, run_adapter_op
 from server.api.http.errors import OpenAIError
 from server.api.http.schemas import LoadLoraRequest, RegisterAdapterBody, UnloadLoraRequest
-
-log = logging.getLogger("adapterserve.http")
 
 
 def _adapter_json(message: pb.Adapter) -> dict:
@@ -33,16 +28,12 @@ def _adapter_json(message: pb.Adapter) -> dict:
 
 
 async def _call(fn, *args):
-    """Run an adapter operation in a worker thread; its typed errors become OpenAI errors."""
+    """Run an adapter operation as AdapterService does (``run_adapter_op``); its status becomes an OpenAI error."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    except Exception as e:
-        code = status_for(e)
-        if code is None:
-            log.exception("adapter operation failed")
-            code = grpc.StatusCode.INTERNAL
-        param = "lora_name" if code == grpc.StatusCode.NOT_FOUND else None
-        raise OpenAIError.from_status(code, error_message(e), param=param,
+        return await run_adapter_op(fn, *args)
+    except AdapterOpError as e:
+        param = "lora_name" if e.code == grpc.StatusCode.NOT_FOUND else None
+        raise OpenAIError.from_status(e.code, e.message, param=param,
                                       code="adapter_not_found" if param else None) from e
 
 
