@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import socket
 import threading
@@ -40,6 +41,9 @@ def wait_until(cond, timeout=30.0):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"extra_body": {"min_tokens": 3}}, "min_tokens"),
+    ({"extra_body": {"min_tokens": 2**32}}, "min_tokens"),  # past the proto's uint32: refused, never wrapped
+    ({"max_tokens": 2**32}, "max_tokens"),
+    ({"extra_body": {"top_k": 2**32}}, "top_k"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
 ])
 def test_bad_chat_input_is_400_naming_the_field(http, kwargs, param):
@@ -167,7 +171,10 @@ def test_client_disconnect_mid_stream_cancels_and_frees_kv(http):
     wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == 1)
 
 
-def test_drain_answers_503_while_in_flight_streams_finish(start_http):
+def test_shutdown_phases_over_http_are_grpcs_accept_while_draining_then_503_in_flight_finish(start_http):
+    """SIGTERM's phases (ServerApp.shutdown): 1. --drain-seconds: /health 503, completions still accepted;
+    2. --grace-seconds: new completions 503, in-flight ones (those accepted while draining too) finish;
+    3. the listener closes."""
     srv = start_http()
     app = srv.app
     root = f"http://127.0.0.1:{app.http_port}"
@@ -176,16 +183,43 @@ def test_drain_answers_503_while_in_flight_streams_finish(start_http):
                                                  extra_body={"ignore_eos": True}))
     next(stream)
     resume = threading.Event()
-    app.engine.commands.call(lambda: resume.wait(60))  # the engine pauses: the stream stays in flight
-    done = asyncio.run_coroutine_threadsafe(app.shutdown(grace=60), app._loop)  # what SIGTERM does
+    app.engine.commands.call(lambda: resume.wait(60))  # the engine pauses: requests stay in flight
+    done = asyncio.run_coroutine_threadsafe(app.shutdown(grace=60, drain=3), app._loop)  # what SIGTERM does
     wait_until(lambda: not app.serving())
-    assert httpx.get(root + "/health").status_code == 503
-    with pytest.raises(openai.InternalServerError) as e:
-        client(srv).completions.create(model="", prompt="hi", max_tokens=2)
-    assert e.value.status_code == 503 and "draining" in e.value.message
-    resume.set()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert httpx.get(root + "/health").status_code == 503  # 1. draining: load balancers route elsewhere
+        late = pool.submit(client(srv).completions.create, model="", prompt="hi", max_tokens=5,
+                           extra_body={"ignore_eos": True})
+        wait_until(lambda: len(app.engine.waiting) == 1 or late.done())  # ... yet a new completion is accepted
+        assert not late.done(), late.exception()
+        wait_until(lambda: app.engine._closed is not None)  # 2. --drain-seconds over: new completions refused
+        with pytest.raises(openai.InternalServerError) as e:
+            client(srv).completions.create(model="", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503 and "shutting down" in e.value.message
+        assert httpx.get(root + "/health").status_code == 503
+        resume.set()
+        assert late.result(60).choices[0].finish_reason == "length"  # accepted while draining: answered in full
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "length" and len(rest) == 60  # 59 tokens left + the finish
+    done.result(60)
+    with pytest.raises(httpx.ConnectError):  # 3. stopped listening
+        httpx.get(root + "/health")
+
+
+def test_a_stream_still_running_when_grace_ends_gets_a_503_error_event(start_http):
+    srv = start_http()
+    app = srv.app
+    stream = iter(client(srv).completions.create(model="", prompt="hi", max_tokens=200, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    next(stream)
+    resume = threading.Event()
+    app.engine.commands.call(lambda: resume.wait(60))
+    done = asyncio.run_coroutine_threadsafe(app.shutdown(grace=0, drain=0), app._loop)
+    wait_until(lambda: app.engine._closed is not None)
+    resume.set()  # the cut (an engine command queued behind the pause) comes before the stream's last token
+    with pytest.raises(openai.APIError) as e:  # the client raises on an SSE event carrying `error`
+        list(stream)
+    assert "--grace-seconds" in e.value.message, e.value.message
     done.result(60)
 
 

@@ -163,9 +163,11 @@ def _resolve_model(ctx: HttpContext, model: str) -> tuple[str, str]:
 
 
 async def _start_all(ctx: HttpContext, requests: list[pb.GenerateRequest]) -> list[Generation]:
-    """Start every choice; on the first failure cancel those started and raise its OpenAI error."""
-    if not ctx.serving():
-        raise OpenAIError(503, "server is draining: not accepting new requests")
+    """Start every choice; on the first failure cancel those started and raise its OpenAI error.
+
+    Shutdown follows gRPC's phases (``ServerApp.shutdown``): while draining, /health answers 503 but
+    completions are still accepted; once the engine closes, the core refuses them (UNAVAILABLE: 503).
+    """
     gens: list[Generation] = []
     try:
         for req in requests:

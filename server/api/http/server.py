@@ -58,8 +58,9 @@ class HttpServer:
         return self.port
 
     async def stop(self, grace: float) -> None:
-        """Drain, then close: while requests are in flight (at most ``grace`` seconds) keep accepting, so
-        /health answers 503 and new completions 503 (the app reads the draining health state); then stop."""
+        """Close after the server's shutdown phases (``ServerApp.shutdown``: completions were accepted during
+        --drain-seconds, then refused 503 by the closed engine): wait up to ``grace`` seconds for responses
+        still being sent, then stop listening and close the connections."""
         if self._main is None:
             return
         end = time.monotonic() + grace
