@@ -391,6 +391,7 @@ class Engine:
         prefill = self._prefill_rows()
         if prefill:
             self._guarded(self._forward, prefill, "prefill")
+            self._drop_cancelled()  # cancelled during the prefill forward: freed before the decode one
         decode = [(r, 1) for r in decode if r in self.running and not r.finished]
         if decode:
             self._guarded(self._forward, decode, "decode")

@@ -151,22 +151,46 @@ def test_queue_full_is_429_and_body_over_the_limit_is_413(start_http):
     assert e.value.status_code == 413 and "max-message-bytes" in e.value.message
 
 
-def test_client_disconnect_mid_stream_cancels_and_frees_kv(http):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "response"])
+def test_client_disconnect_frees_kv_within_one_engine_step(http, monkeypatch, stream):
+    """Counted in engine steps, not seconds: the engine is held inside a forward while the client goes
+    away; the disconnect must reach the engine request meanwhile (no further token needed to notice it),
+    and its pages are free once that one step ends."""
     app = http.app
-    body = json.dumps({"model": "", "prompt": "the quick brown fox", "max_tokens": 200, "stream": True,
+    engine = app.engine
+    hold, entered, go_on = threading.Event(), threading.Event(), threading.Event()
+    forward = engine.runtime.forward
+
+    def held_forward(step, cache):
+        if hold.is_set():
+            hold.clear()
+            entered.set()
+            assert go_on.wait(60)
+        return forward(step, cache)
+
+    monkeypatch.setattr(engine.runtime, "forward", held_forward)
+    body = json.dumps({"model": "", "prompt": "the quick brown fox", "max_tokens": 200, "stream": stream,
                        "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", app.http_port), timeout=30)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    got = b""
-    while got.count(b"data: ") < 3:  # a few tokens streamed: the request is running
-        got += sock.recv(4096)
-        assert b"200 OK" in got, got
-    assert app.engine.allocator.usage() > 0
-    steps = app.engine.steps
+    if stream:
+        got = b""
+        while got.count(b"data: ") < 3:  # a few tokens streamed: the request is running
+            got += sock.recv(4096)
+            assert b"200 OK" in got, got
+    wait_until(lambda: engine.running and len(engine.running[0].output_ids) >= 3)
+    [req] = engine.running
+    hold.set()
+    assert entered.wait(30)  # the engine is inside a step's forward, and stays there
+    steps = engine.steps
+    assert engine.allocator.usage() > 0
     sock.close()
-    wait_until(lambda: not app.engine.running and app.engine.allocator.usage() == 0)
-    assert app.engine.steps - steps <= 3, "KV must be freed within a step of noticing the disconnect"
+    wait_until(req.cancelled.is_set)  # the disconnect reached the engine while that step is under way
+    go_on.set()
+    wait_until(lambda: not engine.running and engine.allocator.usage() == 0)
+    assert engine.steps - steps <= 1, "KV must be freed within one engine step of the disconnect"
+    assert req.finished and req.pages == []
     get = app.metrics.registry.get_sample_value
     wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == 1)
 

@@ -188,8 +188,13 @@ def _error(e: GenerationError) -> OpenAIError:
 
 
 async def _merged_events(gens: list[Generation], request: Request) -> AsyncIterator[tuple[int, object]]:
-    """(choice index, TokenEvent | FinishEvent | GenerationError) in arrival order; every choice's
-    engine request is cancelled as soon as the client disconnects (its KV pages freed at the next step)."""
+    """(choice index, TokenEvent | FinishEvent | GenerationError) in arrival order.
+
+    A watcher waits for the client's disconnect (uvicorn reports it when the socket closes, whether
+    or not anything is being sent) and cancels every choice's engine request right there, without
+    waiting for this generator's consumer to be scheduled: the engine frees their KV pages before
+    its next forward (tests/http/test_openai_errors.py counts the steps).
+    """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, g: Generation) -> None:
@@ -202,6 +207,8 @@ async def _merged_events(gens: list[Generation], request: Request) -> AsyncItera
     async def watch_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        for g in gens:  # a no-op for finished ones
+            g.cancel()
         queue.put_nowait((-1, None))
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
