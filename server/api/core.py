@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -218,20 +219,49 @@ class GenerationCore:
     async def start(self, request: pb.GenerateRequest, *, api: str,
                     timeout_s: float | None = None) -> Generation:
         """Validate and submit ``request``; raises GenerationError (already recorded) when it cannot start."""
-        outcome = Outcome(request.request_id or uuid.uuid4().hex, request.adapter_id, api)
-        queue: asyncio.Queue = asyncio.Queue()
+        [gen] = await self.start_samples([request], api=api, timeout_s=timeout_s)
+        return gen
+
+    async def start_samples(self, requests: list[pb.GenerateRequest], *, api: str,
+                            timeout_s: float | None = None) -> list[Generation]:
+        """Validate and submit samples of one prompt (requests equal but for seed and request_id, e.g.
+        OpenAI's ``n``) so that the engine computes the prompt once: each group of at most
+        --max-batch-size is submitted as one request with the others as its forks (``Engine.submit``).
+        Each sample stays its own request for metrics and the log. Raises GenerationError when they
+        cannot all start: every sample is recorded (those already submitted are cancelled)."""
+        outcomes = [Outcome(r.request_id or uuid.uuid4().hex, r.adapter_id, api) for r in requests]
+        queues: list[asyncio.Queue] = [asyncio.Queue() for _ in requests]
         pump = self._pump()
+        reqs: list[Request] = []
+        submitted = 0
         try:
-            req = await self._build(request, outcome)
-            req.emit = lambda ev: pump.post(queue, ev)  # before submission: the engine may emit at once
-            self._submit(req)
-        except GenerationError as e:
-            outcome.status, outcome.error = e.code.name, e.message
-            self.record(outcome)
+            for request, outcome, queue in zip(requests, outcomes, queues, strict=True):
+                req = await self._build(request, outcome)
+                req.emit = functools.partial(pump.post, queue)  # before submission: the engine may emit at once
+                reqs.append(req)
+            group = max(1, self.engine.max_batch_size)
+            for k in range(0, len(reqs), group):
+                leader, *leader.forks = reqs[k:k + group]
+                self._submit(leader)
+                submitted = min(len(reqs), k + group)
+        except BaseException as e:  # a GenerationError, or the caller went away while a prompt was tokenized
+            for req in reqs[submitted:]:
+                if req.adapter is not None:
+                    self.adapters.release(req.adapter)
+            for req in reqs[:submitted]:
+                req.cancel()
+            if isinstance(e, GenerationError):
+                for i, outcome in enumerate(outcomes):
+                    outcome.status, outcome.error = (("CANCELLED", "") if i < submitted else (e.code.name, e.message))
+                    outcome.request = reqs[i] if i < submitted else None
+                    self.record(outcome)
             raise
-        outcome.request = req
         stop_at = None if timeout_s is None else time.monotonic() + timeout_s
-        return Generation(self, req, queue, outcome, stop_at)
+        gens = []
+        for req, queue, outcome in zip(reqs, queues, outcomes, strict=True):
+            outcome.request = req
+            gens.append(Generation(self, req, queue, outcome, stop_at))
+        return gens
 
     async def _build(self, request: pb.GenerateRequest, outcome: Outcome) -> Request:
         entry = None
@@ -304,11 +334,10 @@ class GenerationCore:
         return GenerationError(code, message if code == grpc.StatusCode.NOT_FOUND else f"{field}: {message}")
 
     def _submit(self, req: Request) -> None:
+        """Hand `req` (and its forks) to the engine; the caller releases their adapters on failure."""
         try:
             self.engine.submit(req)
         except Exception as e:
-            if req.adapter is not None:
-                self.adapters.release(req.adapter)
             code = status_for(e) or grpc.StatusCode.INTERNAL
             raise GenerationError(code, error_message(e)) from e
 

@@ -29,6 +29,15 @@ max_new_tokens reserved at admission, never preempted) as a measured baseline.
 **Prefix cache** (``server.engine.prefix_cache``): full pages keyed by adapter + tokens, reused at
 admission for a request's leading blocks; see that module for what the key holds.
 
+**n samples of one prompt, prefilled once (forks).** A request submitted with ``forks`` (the other
+samples of its prompt, e.g. OpenAI's ``n``) is admitted with them as one group: pages for its prompt
+plus, per fork, its own pages past the prompt's full ones (the copy of the last partial page;
+everything after the full ones with ``reserve``). When its prompt is computed, ``_fork`` starts each
+fork from that KV: the full pages are shared (reference-counted, never written again) and the partial
+one is copied (copy-on-write), and every sample draws its first token from the same logits with its
+own RNG: the same tokens as separate seeded requests, for one prefill. This is by design, not by the
+prefix cache (which only holds full pages and may be off).
+
 
 Threads of the process, and what each may touch:
 
@@ -110,6 +119,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.prefill_tokens = 0  # KV entries computed by prefill forwards (prompt chunks, recomputes)
         self.watchdog_seconds = watchdog_seconds  # 0 = no limit on one iteration
         self._iteration_started: float | None = None  # monotonic start of the running iteration, None when idle
         self._closed: str | None = None  # why new requests are refused (shutdown)
@@ -138,12 +148,21 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a validated request; raises QueueFullError when --max-queue is reached and
-        EngineUnavailableError once the engine is closed or failed."""
+        EngineUnavailableError once the engine is closed or failed.
+
+        ``request.forks``: other samples of the same prompt and adapter (at most --max-batch-size in
+        all), started from this request's computed prompt. A group that could not fit the KV cache
+        even alone is queued as separate requests instead (each prefills its own prompt)."""
         if self.failed is not None:
             raise EngineUnavailableError(f"engine failed: {self.failed}")
         if self._closed is not None:
             raise EngineUnavailableError(self._closed)
-        self.waiting.put(request)
+        if 1 + len(request.forks) > self.max_batch_size:
+            raise ValueError(f"{1 + len(request.forks)} samples exceed --max-batch-size {self.max_batch_size}")
+        group = [request]
+        if request.forks and self._group_pages(request) > self.allocator.num_pages:
+            group, request.forks = [request, *request.forks], []
+        self.waiting.put(*group)
         if self.failed is not None:  # failed meanwhile: don't leave it parked
             self._fail_parked()
 
@@ -199,13 +218,13 @@ class Engine:
         message = f"engine failed: {self.failed}"
         waiting = self.waiting.snapshot()
         self.waiting.remove(waiting)
-        for r in waiting:
+        for r in [x for w in waiting for x in (w, *w.forks)]:
             if not r.finished:
                 r.finished = True
                 if r.adapter is not None:
                     self.releaser.release(r.adapter)
                 r.emit(ErrorEvent("UNAVAILABLE", message))
-        for r in list(self.running):
+        for r in [x for w in list(self.running) for x in (w, *w.forks)]:
             r.emit(ErrorEvent("UNAVAILABLE", message))
 
     # ------------------------------------------------------------------ engine thread
@@ -254,10 +273,16 @@ class Engine:
                     self._fail(r, "INTERNAL", f"engine step failed: {type(e).__name__}: {e}")
 
     def _drop_cancelled(self) -> None:
-        cancelled = [r for r in self.waiting.snapshot() if r.cancelled.is_set()]
+        waiting = self.waiting.snapshot()
+        cancelled = [r for r in waiting if r.cancelled.is_set()]
         self.waiting.remove(cancelled)
         for r in cancelled + [r for r in self.running if r.cancelled.is_set()]:
-            self._finish(r, FinishReason.CANCELLED)
+            self._finish(r, FinishReason.CANCELLED)  # its forks that go on are handed over (_hand_over)
+        for r in waiting + self.running:  # forks cancelled while their prompt is still being computed
+            if r.forks and not r.finished:
+                for f in [f for f in r.forks if f.cancelled.is_set()]:
+                    r.forks.remove(f)
+                    self._finish(f, FinishReason.CANCELLED)
 
     def _admit(self) -> list[Request]:
         """Move waiting requests into the batch while KV pages, batch rows and adapter slots allow.
@@ -265,9 +290,9 @@ class Engine:
         FIFO on memory: when the head does not fit, later requests do not overtake it (a preempted
         request is put back at the head, so it is re-admitted first)."""
         admitted: list[Request] = []
-        room = self.max_batch_size - len(self.running)
+        room = self.max_batch_size - sum(1 + len(r.forks) for r in self.running)  # forks join at their fork
         for r in self.waiting.snapshot():
-            if room <= 0:
+            if room < 1 + len(r.forks):
                 break
             try:
                 hit = self.adapters.activate(r.adapter) if r.adapter is not None else None
@@ -309,7 +334,7 @@ class Engine:
                 continue
             self._publish(r)
             admitted.append(r)
-            room -= 1
+            room -= 1 + len(r.forks)
         self.waiting.remove(admitted)
         self.running.extend(admitted)
         return admitted
@@ -325,19 +350,36 @@ class Engine:
         if self.prefix_cache is not None:  # at least the last token is computed (its logits are needed)
             hits = self.prefix_cache.match(self._block_keys(r, (known - 1) // size))
         needed = pool.pages_for(r.total_tokens_needed if self.reserve else known) - len(hits)
+        own = [self._fork_own_pages(f, known) for f in r.forks]
         pool.share(hits)
         floor = self.growth_pages if self.running and not self.reserve else 0
-        fresh = pool.allocate(needed) if pool.available - needed >= floor else None
+        total = needed + sum(own)
+        fresh = pool.allocate(total) if pool.available - total >= floor else None
         if fresh is None:
             pool.release(hits)
             return False
-        r.pages = hits + fresh
+        r.pages = hits + fresh[:needed]
+        at = needed
+        for f, n in zip(r.forks, own, strict=True):  # held by each fork until _fork
+            f.pages, at = fresh[at:at + n], at + n
         r.cached = len(hits) * size
         if self.metrics is not None:
             reused = max(0, r.cached - r.prefix_len)
             self.metrics.prefix_cache_lookup(r.adapter.adapter_id if r.adapter is not None else "",
                                              reused, r.num_tokens - reused)
         return True
+
+    def _fork_own_pages(self, f: Request, known: int) -> int:
+        """Pages fork `f` needs of its own when it starts from a prompt of `known` entries: past the
+        shared full pages, the copy of the partial one (on demand) or every page it may need (reserve)."""
+        pool = self.allocator
+        return pool.pages_for(known + (f.sampling.max_new_tokens if self.reserve else 0)) - known // pool.page_size
+
+    def _group_pages(self, r: Request) -> int:
+        """Pages `r` and its forks take at admission (an estimate made at submission, before a prefix-cache hit)."""
+        known = (r.adapter.num_virtual_tokens if r.adapter is not None else 0) + r.num_tokens
+        mine = known + (r.sampling.max_new_tokens if self.reserve else 0)
+        return self.allocator.pages_for(mine) + sum(self._fork_own_pages(f, known) for f in r.forks)
 
     def _block_keys(self, r: Request, n: int) -> list[bytes]:
         """Prefix-cache keys of r's first `n` full blocks (extends r.block_keys as needed)."""
@@ -414,6 +456,8 @@ class Engine:
         (its sampler RNG, text and emitted tokens stay, so its output and stream are unchanged)."""
         self.running.remove(r)
         self.allocator.release(r.pages)  # its full pages stay in the prefix cache: recompute may reuse them
+        for f in r.forks:  # taken again with r's at its re-admission
+            self.allocator.release(f.pages)
         r.cached = 0
         if r.adapter is not None:
             self.adapters.deactivate(r.adapter)
@@ -467,11 +511,77 @@ class Engine:
             if r.cached == r.prefix_len + r.num_tokens:
                 done.append(i)
         if done:
-            self._sample_and_emit([batch[i] for i in done], logits[done] if len(done) < len(batch) else logits)
+            sampled, picks = [batch[i] for i in done], list(done)
+            for i in done:
+                if batch[i].forks:  # its prompt is computed: its other samples start from it, same logits
+                    forks = self._fork(batch[i])
+                    sampled += forks
+                    picks += [i] * len(forks)
+            self._sample_and_emit(sampled, logits[picks] if picks != list(range(len(batch))) else logits)
         if phase == "decode":
             self.steps += 1
+        else:
+            self.prefill_tokens += sum(n for _, n in rows)
         if self.metrics is not None:
             self.metrics.observe_step(phase, len(batch), time.perf_counter() - t0)
+
+    def _fork(self, r: Request) -> list[Request]:
+        """Start r's forks from its computed prompt: each shares r's full pages and copies the partial
+        one into its own page (reserved at r's admission). A fork cancelled meanwhile ends here; one
+        whose adapter state differs from r's (replaced or re-merged since) goes back to the queue and
+        computes its own prompt."""
+        forks, r.forks = r.forks, []
+        size = self.allocator.page_size
+        full = r.cached // size
+        started: list[Request] = []
+        now = time.perf_counter()
+        for f in forks:
+            if f.cancelled.is_set():
+                self._finish(f, FinishReason.CANCELLED)
+                continue
+            try:
+                hit = self.adapters.activate(f.adapter) if f.adapter is not None else None
+            except RequestRefused as e:
+                self._fail(f, e.code, e.message)
+                continue
+            partial = r.cached % size != 0
+            if ((f.adapter is not None and hit is None) or self.adapters.kv_namespace(f.adapter) != r.namespace
+                    or (partial and not f.pages)):
+                if hit is not None:
+                    self.adapters.deactivate(f.adapter)
+                self.allocator.release(f.pages)
+                self.waiting.put_front(f)
+                continue
+            if partial:
+                self.cache.copy_page(r.pages[full], f.pages[0])
+            self.allocator.share(r.pages[:full])
+            f.pages = r.pages[:full] + f.pages
+            f.prefix_len, f.cached, f.namespace = r.prefix_len, r.cached, r.namespace
+            f.block_keys, f.published = list(r.block_keys), r.published
+            wait = now - f.waiting_since
+            f.admitted_at, f.queue_s, f.waiting_since = now, f.queue_s + wait, None
+            f.admit_order = next(self._admissions)
+            if self.metrics is not None:
+                self.metrics.observe_queue_wait(wait)
+                if hit is not None:
+                    self.metrics.adapter_cache(hit)
+            started.append(f)
+        self.running.extend(started)
+        return started
+
+    def _hand_over(self, r: Request) -> None:
+        """r ended before its prompt was computed: its live forks go on without it, the first leading the rest."""
+        forks, r.forks = r.forks, []
+        live = []
+        for f in forks:
+            self.allocator.release(f.pages)
+            if f.cancelled.is_set():
+                self._finish(f, FinishReason.CANCELLED)
+            else:
+                live.append(f)
+        if live:
+            live[0].forks = live[1:]
+            self.waiting.put_front(live[0])
 
     def _sample_and_emit(self, batch: list[Request], logits: torch.Tensor) -> None:
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
@@ -503,6 +613,8 @@ class Engine:
             return
         r.finished = True
         self._release(r)
+        if r.forks:  # cancelled before its prompt was computed
+            self._hand_over(r)
         now = time.perf_counter()
         if reason == FinishReason.CANCELLED:
             r.emit(ErrorEvent(r.cancel_reason, "request cancelled" if r.cancel_reason == "CANCELLED"
@@ -516,10 +628,14 @@ class Engine:
         ))
 
     def _fail(self, r: Request, code: str, message: str) -> None:
+        """r (and its forks: the same prompt and adapter meet the same fate) fail with `code`."""
         if r.finished:
             return
         r.finished = True
         self._release(r)
+        forks, r.forks = r.forks, []
+        for f in forks:
+            self._fail(f, code, message)
         r.emit(ErrorEvent(code, message))
 
     def _release(self, r: Request) -> None:

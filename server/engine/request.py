@@ -106,6 +106,9 @@ class Request:
     cancel_reason: str = "CANCELLED"
     rng: random.Random | None = None
     finished: bool = False
+    # More samples of this prompt (n > 1), waiting inside this request until its prompt is computed:
+    # then each starts from that KV (Engine._fork) instead of prefilling the prompt again.
+    forks: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)

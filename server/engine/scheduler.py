@@ -21,11 +21,12 @@ class WaitingQueue:
         self._lock = threading.Lock()
         self.wakeup = wakeup or threading.Event()  # shared with the engine's command queue
 
-    def put(self, request: Request) -> None:
+    def put(self, *requests: Request) -> None:
+        """Queue `requests` (all or none); a request with forks (n > 1 samples) takes a place per sample."""
         with self._lock:
-            if len(self._items) >= self.max_size:
+            if len(self._items) + sum(1 + len(r.forks) for r in requests) > self.max_size:
                 raise QueueFullError(f"waiting queue is full ({self.max_size} requests, --max-queue)")
-            self._items.append(request)
+            self._items.extend(requests)
         self.wakeup.set()
 
     def put_front(self, request: Request) -> None:

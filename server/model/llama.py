@@ -88,6 +88,13 @@ class PagedKVCache:
             self.k[layer][slots] = layer_keys[layer].transpose(0, 1).to(self.k[layer].dtype)  # [n, H_kv, D]
             self.v[layer][slots] = layer_values[layer].transpose(0, 1).to(self.v[layer].dtype)
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy page `src`'s K/V entries into page `dst` in every layer (a forked sample's own copy of the
+        partial page it would otherwise write into while another sequence reads it)."""
+        s, d, n = src * self.page_size, dst * self.page_size, self.page_size
+        for cache in (*self.k, *self.v):
+            cache[d:d + n] = cache[s:s + n]  # [P, H_kv, D]
+
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [L, H_kv, n, D] at flat `slots` [n] (used to capture a prompt adapter's prefix)."""
         k = torch.stack([c[slots].transpose(0, 1) for c in self.k])

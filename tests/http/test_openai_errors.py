@@ -151,8 +151,8 @@ def test_queue_full_is_429_and_body_over_the_limit_is_413(start_http):
     assert e.value.status_code == 413 and "max-message-bytes" in e.value.message
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "response"])
-def test_client_disconnect_frees_kv_within_one_engine_step(http, monkeypatch, stream):
+@pytest.mark.parametrize("stream, n", [(True, 1), (False, 1), (True, 3)], ids=["stream", "response", "stream-n3"])
+def test_client_disconnect_frees_kv_within_one_engine_step(http, monkeypatch, stream, n):
     """Counted in engine steps, not seconds: the engine is held inside a forward while the client goes
     away; the disconnect must reach the engine request meanwhile (no further token needed to notice it),
     and its pages are free once that one step ends."""
@@ -170,7 +170,7 @@ def test_client_disconnect_frees_kv_within_one_engine_step(http, monkeypatch, st
 
     monkeypatch.setattr(engine.runtime, "forward", held_forward)
     body = json.dumps({"model": "", "prompt": "the quick brown fox", "max_tokens": 200, "stream": stream,
-                       "ignore_eos": True}).encode()
+                       "ignore_eos": True, "n": n, "temperature": 1.0}).encode()
     sock = socket.create_connection(("127.0.0.1", app.http_port), timeout=30)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -179,20 +179,20 @@ def test_client_disconnect_frees_kv_within_one_engine_step(http, monkeypatch, st
         while got.count(b"data: ") < 3:  # a few tokens streamed: the request is running
             got += sock.recv(4096)
             assert b"200 OK" in got, got
-    wait_until(lambda: engine.running and len(engine.running[0].output_ids) >= 3)
-    [req] = engine.running
+    wait_until(lambda: len(engine.running) == n and all(len(r.output_ids) >= 3 for r in engine.running))
+    reqs = list(engine.running)
     hold.set()
     assert entered.wait(30)  # the engine is inside a step's forward, and stays there
     steps = engine.steps
     assert engine.allocator.usage() > 0
     sock.close()
-    wait_until(req.cancelled.is_set)  # the disconnect reached the engine while that step is under way
+    wait_until(lambda: all(r.cancelled.is_set() for r in reqs))  # reached the engine while that step runs
     go_on.set()
     wait_until(lambda: not engine.running and engine.allocator.usage() == 0)
     assert engine.steps - steps <= 1, "KV must be freed within one engine step of the disconnect"
-    assert req.finished and req.pages == []
+    assert all(r.finished and r.pages == [] for r in reqs)
     get = app.metrics.registry.get_sample_value
-    wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == 1)
+    wait_until(lambda: get("adapterserve_api_requests_total", {"api": "http", "status": "CANCELLED"}) == n)
 
 
 def test_shutdown_phases_over_http_are_grpcs_accept_while_draining_then_503_in_flight_finish(start_http):

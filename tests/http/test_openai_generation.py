@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx2 as httpx
 import pytest
@@ -12,6 +14,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.http.conftest import KINDS, async_client, base_url, client
 from tests.peft_reference import peft_greedy_reference
+from tests.serving import make_request
 
 N_NEW = 6
 PROMPT = "the quick brown fox"
@@ -174,3 +177,59 @@ def test_every_response_validates_against_the_openai_types_with_no_unknown_field
 
     for line in lines[:-1]:
         strict(ChatCompletionChunk, json.loads(line[len("data: "):]))
+
+
+LONG = "the quick brown fox jumps over the lazy dog, " * 3  # 89 tokens: 22 pages of 4 and a partial one
+
+
+def _separate(srv, ids, model, n, seed, max_new, temperature=1.5):
+    """n separate seeded gRPC requests (sample j of a seeded body is the request with seed + j), admitted
+    in one engine step like the n choices: a row's float rounding may depend on its batch's size (a
+    near-tie between two tokens then flips, as it can between any two batch shapes)."""
+    resume = threading.Event()
+    srv.app.engine.call(lambda: resume.wait(60))
+    calls = [srv.gen.Generate.future(make_request(token_ids=ids, adapter_id=model, max_new_tokens=max_new,
+                                                  temperature=temperature, seed=seed + j, ignore_eos=True), timeout=60)
+             for j in range(n)]
+    end = time.monotonic() + 30
+    while len(srv.app.engine.waiting) < n:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    resume.set()
+    return [c.result().text for c in calls]
+
+
+@pytest.mark.parametrize("kind", [None, "lora", "prompt", "prefix"])
+def test_n_choices_prefill_the_prompt_once_and_equal_separate_seeded_requests(start_http, kind):
+    # The prefix cache is off: one prefill comes from the fork (shared full pages, the partial one
+    # copied), not from a cache hit. Small pages put the prompt's end (and virtual tokens) mid-page.
+    srv = start_http(prefix_cache="off", kv_page_tokens=4)
+    if kind:
+        srv.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=kind, path=kind))
+    engine = srv.app.engine
+    ids = srv.app.model.tokenizer.encode(LONG)
+    assert len(ids) % 4 and len(ids) > 8
+    before = engine.prefill_tokens
+    resp = client(srv).completions.create(model=kind or "", prompt=ids, n=4, max_tokens=8, temperature=1.5,
+                                          seed=1234, extra_body={"ignore_eos": True})
+    assert engine.prefill_tokens - before == len(ids)  # 4 choices, one prefill
+    assert [ch.index for ch in resp.choices] == [0, 1, 2, 3]
+    assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == 32
+    separate = _separate(srv, ids, kind or "", 4, 1234, 8)
+    assert engine.prefill_tokens - before == 5 * len(ids)  # the counter counts: 4 separate requests, 4 prefills
+    assert [ch.text for ch in resp.choices] == separate
+    assert len(set(separate)) > 1
+    assert engine.allocator.free_pages == engine.allocator.num_pages  # shared and copied pages all returned
+
+
+def test_n_choices_under_preemption_and_chunked_prefill_equal_separate_seeded_requests(start_http):
+    # 64 pages of 4 tokens: 4 samples of an 89-token prompt + 60 tokens need 86 even with the prompt's
+    # full pages shared, so samples are preempted and recompute; the prompt is prefilled in chunks of 32.
+    srv = start_http(prefix_cache="off", kv_page_tokens=4, kv_cache_tokens=256, max_prefill_tokens=32)
+    ids = srv.app.model.tokenizer.encode(LONG)
+    resp = client(srv).completions.create(model="", prompt=ids, n=4, max_tokens=60, temperature=1.5, seed=7,
+                                          extra_body={"ignore_eos": True})
+    get = srv.app.metrics.registry.get_sample_value
+    assert get("adapterserve_preemptions_total") > 0
+    assert [ch.text for ch in resp.choices] == _separate(srv, ids, "", 4, 7, 60)
+    assert srv.app.engine.allocator.free_pages == srv.app.engine.allocator.num_pages

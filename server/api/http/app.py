@@ -162,16 +162,17 @@ def _resolve_model(ctx: HttpContext, model: str) -> tuple[str, str]:
     return model, name
 
 
-async def _start_all(ctx: HttpContext, requests: list[pb.GenerateRequest]) -> list[Generation]:
-    """Start every choice; on the first failure cancel those started and raise its OpenAI error.
+async def _start_all(ctx: HttpContext, requests: list[pb.GenerateRequest], n: int) -> list[Generation]:
+    """Start every choice (choice p*n + j is sample j of prompt p: each prompt's n samples go in together,
+    so its prompt is prefilled once); on the first failure cancel those started and raise its OpenAI error.
 
     Shutdown follows gRPC's phases (``ServerApp.shutdown``): while draining, /health answers 503 but
     completions are still accepted; once the engine closes, the core refuses them (UNAVAILABLE: 503).
     """
     gens: list[Generation] = []
     try:
-        for req in requests:
-            gens.append(await ctx.core.start(req, api="http"))
+        for p in range(0, len(requests), n):
+            gens += await ctx.core.start_samples(requests[p:p + n], api="http")
     except GenerationError as e:
         for g in gens:
             g.cancel()
@@ -234,7 +235,7 @@ async def _merged_events(gens: list[Generation], request: Request) -> AsyncItera
 
 async def _complete(ctx: HttpContext, request: Request, requests: list[pb.GenerateRequest], n: int, body,
                     model: str, rid: str, *, chat: bool) -> Response:
-    gens = await _start_all(ctx, requests)
+    gens = await _start_all(ctx, requests, n)
     request.scope[GENERATIONS] = gens
     shape = _Shape(ctx, model, rid, chat, len(requests), n)
     if body.stream:

@@ -1,8 +1,10 @@
 """OpenAI request bodies -> the GenerateRequests the shared core validates; core events -> OpenAI JSON.
 
 One body becomes one GenerateRequest per choice: ``n`` independent samples of each prompt (choice
-``p * n + j`` is sample ``j`` of prompt ``p``). A seeded request's sample j gets seed
-``(seed + j) mod 2**64``, so the same body reproduces every choice.
+``p * n + j`` is sample ``j`` of prompt ``p``; the app starts a prompt's samples together, so the
+engine prefills it once and forks them). A seeded request's sample j gets seed
+``(seed + j) mod 2**64``, so the same body reproduces every choice, and equals the separate
+requests with those seeds.
 Thread domain: the event loop (pure functions, no I/O).
 """
 
