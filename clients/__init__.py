@@ -22,6 +22,7 @@ from clients.errors import (
 from clients.types import (
     AdapterInfo,
     GenerationResult,
+    Kernels,
     Limits,
     ModelInfo,
     StreamChunk,
@@ -34,7 +35,7 @@ from clients.types import (
 
 __all__ = [
     "AdapterServeClient", "AsyncAdapterServeClient",
-    "AdapterInfo", "GenerationResult", "Limits", "ModelInfo", "StreamChunk", "Timings",
+    "AdapterInfo", "GenerationResult", "Kernels", "Limits", "ModelInfo", "StreamChunk", "Timings",
     "TokenLogprob", "TopLogprob", "Usage", "collect",
     "AdapterServeError", "AlreadyExistsError", "CancelledError", "DeadlineExceededError",
     "FailedPreconditionError", "InternalError", "InvalidArgumentError", "NotFoundError",

@@ -340,9 +340,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     pairs = [(f.name.replace("_", " "), getattr(info, f.name)) for f in dataclasses.fields(info)
-             if f.name != "limits"]
+             if f.name not in ("limits", "kernels")]
     pairs += [(f"limit: {f.name.replace('_', ' ')}", getattr(info.limits, f.name))
               for f in dataclasses.fields(info.limits)]
+    pairs += [(f"kernels: {f.name.replace('_', ' ')}", getattr(info.kernels, f.name))
+              for f in dataclasses.fields(info.kernels)]
     print(format_pairs(pairs))
     return 0
 

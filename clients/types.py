@@ -210,6 +210,20 @@ class Limits:
 
 
 @dataclass
+class Kernels:
+    """The kernels the server chose for its machine at start (matmul backend, dtypes, CPU features)."""
+
+    matmul: str = ""
+    dtype: str = ""
+    kv_dtype: str = ""
+    cpu_capability: str = ""
+    cpu_features: list[str] = field(default_factory=list)
+    native_bf16: bool = False
+    onednn_bf16: bool = False
+    note: str = ""
+
+
+@dataclass
 class ModelInfo:
     """The served base model and the server's limits (``model_info``)."""
 
@@ -223,11 +237,12 @@ class ModelInfo:
     hidden_size: int
     version: str
     limits: Limits
+    kernels: Kernels = field(default_factory=Kernels)
 
     @classmethod
     def from_proto(cls, m: pb.ModelInfo) -> ModelInfo:
         """Build from a ModelInfo message."""
-        lim = m.limits
+        lim, k = m.limits, m.kernels
         return cls(
             name=m.name, architecture=m.architecture, vocab_size=m.vocab_size,
             max_context=m.max_context, dtype=m.dtype, device=m.device,
@@ -237,4 +252,6 @@ class ModelInfo:
                 lim.default_max_new_tokens, lim.max_top_logprobs, lim.max_lora_rank,
                 lim.max_virtual_tokens, lim.max_resident_adapters,
             ),
+            kernels=Kernels(k.matmul, k.dtype, k.kv_dtype, k.cpu_capability, list(k.cpu_features), k.native_bf16,
+                            k.onednn_bf16, k.note),
         )

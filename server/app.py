@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ from server.config import ServerConfig
 from server.engine.commands import CommandQueue
 from server.engine.engine import Engine
 from server.metrics import ServerMetrics
+from server.model.cpu_features import KernelReport, detect, kernel_report
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger("adapterserve")
@@ -79,6 +81,12 @@ class ServerApp:
             kv_cache_tokens=cfg.kv_cache_tokens, page_size=cfg.kv_page_tokens, max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue, max_prefill_tokens=cfg.max_prefill_tokens, prefix_cache=cfg.prefix_cache == "on",
             kv_allocation=cfg.kv_allocation, metrics=self.metrics, watchdog_seconds=cfg.watchdog_seconds)
+        runtime = self.model.runtime
+        self.kernels: KernelReport = kernel_report(cfg.device, runtime.dtype, self.engine.cache.k[0].dtype,
+                                                   runtime.use_onednn, runtime.use_kernels, cfg.matmul, detect())
+        log.info(self.kernels.log_line())
+        if self.kernels.note:
+            log.warning("--dtype %s: %s", cfg.dtype, self.kernels.note)
         self.adapter_limits = AdapterLimits(max_lora_rank=cfg.max_lora_rank, max_virtual_tokens=cfg.max_virtual_tokens,
                                             max_bottleneck_width=cfg.max_bottleneck_width)
         self.store = AdapterStore(cfg.adapter_root, args, self.adapter_limits)
@@ -105,7 +113,7 @@ class ServerApp:
         return pb.ModelInfo(
             name=self.model.name, architecture=a.architecture, vocab_size=self.model.tokenizer.vocab_size,
             max_context=self.max_context, dtype=c.dtype, device=c.device, num_layers=a.num_layers,
-            hidden_size=a.hidden_size, version=_version(),
+            hidden_size=a.hidden_size, version=_version(), kernels=pb.Kernels(**dataclasses.asdict(self.kernels)),
             limits=pb.Limits(
                 max_context_tokens=self.max_context, kv_cache_tokens=self.engine.kv_capacity_tokens,
                 max_batch_size=c.max_batch_size, max_queue=c.max_queue, default_max_new_tokens=c.default_max_new_tokens,

@@ -13,18 +13,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from server.model.cpu_features import detect
+
 
 def onednn_usable(device: str, dtype: torch.dtype) -> bool:
     """Whether oneDNN's packed matmul can run `dtype` on this CPU (detected, never assumed).
 
     bf16 needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU oneDNN refuses to pack a
-    bf16 weight, and the projection falls back to ``F.linear``.
+    bf16 weight, and the projection falls back to ``F.linear``. oneDNN uses the CPU's bf16 dot
+    products (AVX512_BF16, AMX) where it has them; server/model/cpu_features.py reports which.
     """
     if device != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.bfloat16 and detect().onednn_bf16
 
 
 class Projection:

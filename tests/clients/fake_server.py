@@ -159,7 +159,9 @@ class FakeGeneration(pb_grpc.GenerationServiceServicer):
             dtype="float32", device="cpu", num_layers=2, hidden_size=64, version="0.1.0",
             limits=pb.Limits(max_context_tokens=2048, kv_cache_tokens=32768, max_batch_size=32,
                              max_queue=256, default_max_new_tokens=256, max_top_logprobs=20,
-                             max_lora_rank=64, max_virtual_tokens=128, max_resident_adapters=16))
+                             max_lora_rank=64, max_virtual_tokens=128, max_resident_adapters=16),
+            kernels=pb.Kernels(matmul="onednn", dtype="float32", kv_dtype="float32", cpu_capability="AVX2",
+                               cpu_features=["avx2", "fma"]))
 
 
 def _check_safetensors(data: bytes) -> str | None:

@@ -96,7 +96,7 @@ def test_adapters_commands(served, adapter_dir):
 def test_health_and_info(served):
     assert _ok(run_cli("health", "--target", served.target)) == "SERVING\n"
     info = _ok(run_cli("info", "--target", served.target, token=served.token))
-    assert "architecture:" in info and "limit: max batch size:" in info
+    assert "architecture:" in info and "limit: max batch size:" in info and "kernels: matmul:" in info
     assert json.loads(_ok(run_cli("info", "--json", "--target", served.target, token=served.token)))["vocab_size"] > 0
 
 

@@ -66,6 +66,8 @@ def test_health_and_model_info(client):
     assert client.health() == "SERVING"
     info = client.model_info()
     assert isinstance(info, ModelInfo) and info.vocab_size > 0 and info.limits.max_batch_size > 0
+    assert info.kernels.dtype == info.dtype and info.kernels.matmul in ("onednn", "blas")
+    assert "avx2" in info.kernels.cpu_features or info.kernels.cpu_capability != "AVX2"
 
 
 def test_generate_result(client):

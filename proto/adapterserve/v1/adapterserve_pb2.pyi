@@ -239,7 +239,7 @@ class Limits(_message.Message):
     def __init__(self, max_context_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_virtual_tokens: _Optional[int] = ..., max_resident_adapters: _Optional[int] = ..., max_adapters_per_request: _Optional[int] = ..., prefix_cache: _Optional[bool] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "vocab_size", "max_context", "dtype", "device", "limits", "num_layers", "hidden_size", "version")
+    __slots__ = ("name", "architecture", "vocab_size", "max_context", "dtype", "device", "limits", "num_layers", "hidden_size", "version", "kernels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,7 @@ class ModelInfo(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     vocab_size: int
@@ -260,7 +261,28 @@ class ModelInfo(_message.Message):
     num_layers: int
     hidden_size: int
     version: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    kernels: Kernels
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., version: _Optional[str] = ..., kernels: _Optional[_Union[Kernels, _Mapping]] = ...) -> None: ...
+
+class Kernels(_message.Message):
+    __slots__ = ("matmul", "dtype", "kv_dtype", "cpu_capability", "cpu_features", "native_bf16", "onednn_bf16", "note")
+    MATMUL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CPU_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    CPU_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_BF16_FIELD_NUMBER: _ClassVar[int]
+    ONEDNN_BF16_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    matmul: str
+    dtype: str
+    kv_dtype: str
+    cpu_capability: str
+    cpu_features: _containers.RepeatedScalarFieldContainer[str]
+    native_bf16: bool
+    onednn_bf16: bool
+    note: str
+    def __init__(self, matmul: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., cpu_capability: _Optional[str] = ..., cpu_features: _Optional[_Iterable[str]] = ..., native_bf16: _Optional[bool] = ..., onednn_bf16: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class AdapterFiles(_message.Message):
     __slots__ = ("config_json", "safetensors")
