@@ -167,8 +167,12 @@ def find_llamacpp_tree(binary: Path, explicit: Path | None = None) -> Path | Non
 
 
 def _run_converter(tree: Path, script: str, args: list[str]) -> None:
+    """Run one of llama.cpp's converters with this Python and the tree's own gguf-py first on the path."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(tree / script), *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, str(tree / script), *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{tail}")
 
 
 def convert_model(tree: Path, folder: Path, outtype: str, cache: Path) -> Path:
