@@ -233,3 +233,16 @@ def test_n_choices_under_preemption_and_chunked_prefill_equal_separate_seeded_re
     assert get("adapterserve_preemptions_total") > 0
     assert [ch.text for ch in resp.choices] == _separate(srv, ids, "", 4, 7, 60)
     assert srv.app.engine.allocator.free_pages == srv.app.engine.allocator.num_pages
+
+
+def test_n_above_the_batch_size_runs_in_groups_of_the_batch_size(start_http):
+    # --max-batch-size 2 and n = 3: samples {0, 1} fork from one prefill, sample 2 prefills alone.
+    srv = start_http(prefix_cache="off", kv_page_tokens=4, max_batch_size=2)
+    engine = srv.app.engine
+    ids = srv.app.model.tokenizer.encode(LONG)
+    before = engine.prefill_tokens
+    resp = client(srv).completions.create(model="", prompt=ids, n=3, max_tokens=6, temperature=1.5, seed=3,
+                                          extra_body={"ignore_eos": True})
+    assert engine.prefill_tokens - before == 2 * len(ids)
+    assert [ch.index for ch in resp.choices] == [0, 1, 2] and resp.usage.completion_tokens == 18
+    assert len({ch.text for ch in resp.choices}) > 1
