@@ -74,24 +74,35 @@ class PromptLearningArgs:
     projection: bool = opt(False, "Prefix tuning: reparameterise the prefix through an MLP.")
 
 
-# Methods that adapt the model's weights (every command can train them); SFT also trains the prompt kinds.
-WEIGHT_METHODS = ["lora", "dora", "ia3", "ln_tuning"]
-SFT_METHODS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln_tuning"]
+@dataclass
+class BottleneckArgs:
+    """Options of ``--method bottleneck`` (AdapterHub's sequential bottleneck adapters)."""
+
+    reduction_factor: int = opt(16, "Bottleneck: width = hidden size / this factor.")
+    placement: str = opt("pfeiffer", "Bottleneck: pfeiffer = after each MLP (AdapterHub SeqBnConfig, ReLU); "
+                         "houlsby = after attention and after the MLP (DoubleSeqBnConfig, swish).",
+                         choices=["pfeiffer", "houlsby"])
+
+
+# Methods that adapt the model (every command but reward can train them); SFT also trains the prompt kinds.
+WEIGHT_METHODS = ["lora", "dora", "ia3", "ln_tuning", "bottleneck"]
+SFT_METHODS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln_tuning", "bottleneck"]
 METHOD_OPTIONS = {  # method -> option fields that only it uses (checked when set to a non-default value)
     "lora": ["rank", "alpha", "target_modules", "dropout", "use_rslora"],
     "dora": ["rank", "alpha", "target_modules", "dropout", "use_rslora"],
     "ia3": [],
     "ln_tuning": [],
+    "bottleneck": ["reduction_factor", "placement"],
     "prompt": ["num_virtual_tokens", "init_text"],
     "ptuning": ["num_virtual_tokens", "encoder", "encoder_hidden_size"],
     "prefix": ["num_virtual_tokens", "projection", "encoder_hidden_size"],
 }
 DEFAULT_LR = {"lora": 2e-4, "prompt": 3e-2, "ptuning": 3e-3, "prefix": 1e-2, "dora": 2e-4, "ia3": 5e-3,
-              "ln_tuning": 5e-3}
+              "ln_tuning": 5e-3, "bottleneck": 1e-3}
 
 
 @dataclass
-class SFTArgs(CommonArgs, LoraArgs, PromptLearningArgs):
+class SFTArgs(CommonArgs, LoraArgs, PromptLearningArgs, BottleneckArgs):
     """``sft``: supervised fine-tuning on chat or prompt/completion JSONL."""
 
     method: str = opt("lora", "Adapter kind to train.", choices=SFT_METHODS)
@@ -100,7 +111,7 @@ class SFTArgs(CommonArgs, LoraArgs, PromptLearningArgs):
 
 
 @dataclass
-class CPTArgs(CommonArgs, LoraArgs):
+class CPTArgs(CommonArgs, LoraArgs, BottleneckArgs):
     """``cpt``: continued pre-training on raw text (.txt or .jsonl {"text"}), packed, loss on all tokens."""
 
     method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)
@@ -118,7 +129,7 @@ class RewardArgs(CommonArgs, LoraArgs):
 
 
 @dataclass
-class DPOArgs(CommonArgs, LoraArgs):
+class DPOArgs(CommonArgs, LoraArgs, BottleneckArgs):
     """``dpo``: direct preference optimisation of a LoRA policy (reference = the base model)."""
 
     method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)
@@ -129,7 +140,7 @@ class DPOArgs(CommonArgs, LoraArgs):
 
 
 @dataclass
-class OnlineRLArgs(CommonArgs, LoraArgs):
+class OnlineRLArgs(CommonArgs, LoraArgs, BottleneckArgs):
     """``grpo`` / ``rloo``: online RL of a LoRA policy, rewarded by a trained reward model."""
 
     method: str = opt("lora", "Adapter kind to train.", choices=WEIGHT_METHODS)

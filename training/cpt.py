@@ -1,4 +1,5 @@
-"""``cpt``: continued pre-training of a LoRA adapter on raw domain text.
+"""``cpt``: continued pre-training of an adapter (``--method`` lora, dora, ia3, ln_tuning, bottleneck) on raw
+domain text.
 
 Data: ``.txt`` (documents separated by blank lines) or ``.jsonl`` ``{"text": ...}``. Documents
 are packed into ``--max-length`` token blocks and the loss covers every token.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from training.cli import explicit_fields
 from training.config import CPTArgs, default_lr
 from training.data import read_text
-from training.methods import check_method_options, weight_method_config
+from training.methods import check_method_options, trainer_model
 from training.runtime import (
     callbacks,
     check_options,
@@ -24,7 +25,7 @@ from training.runtime import (
 
 def run(cfg: CPTArgs) -> int:
     """Validate the text, train a LoRA on it (packed, all tokens), export and optionally register."""
-    check_method_options(cfg.method, explicit_fields(cfg))
+    check_method_options(cfg.method, explicit_fields(cfg), cfg)
     check_options(cfg)
     docs = read_text(cfg.data)
     eval_docs = read_text(cfg.eval_data) if cfg.eval_data else None
@@ -35,8 +36,10 @@ def run(cfg: CPTArgs) -> int:
 
     lr = cfg.lr if cfg.lr is not None else default_lr("cpt", cfg.method)
     say(f"cpt --method {cfg.method}: {len(docs)} documents, blocks of {cfg.max_length} tokens, model {run_.model_path}")
+    common = training_arguments(run_, lr)
+    model, peft_config = trainer_model(run_, common)
     args = SFTConfig(
-        **training_arguments(run_, lr),
+        **common,
         dataset_text_field="text",
         max_length=cfg.max_length,
         packing=True,
@@ -45,12 +48,12 @@ def run(cfg: CPTArgs) -> int:
         eval_strategy="no",
     )
     trainer = SFTTrainer(
-        model=run_.model_path,
+        model=model,
         args=args,
         train_dataset=Dataset.from_list(docs),
         eval_dataset=Dataset.from_list(eval_docs) if eval_docs else None,
         processing_class=tokenizer,
-        peft_config=weight_method_config(cfg.method, cfg),
+        peft_config=peft_config,
         callbacks=callbacks(run_),
     )
     before = trainer.evaluate() if eval_docs else None

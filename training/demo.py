@@ -1,13 +1,14 @@
 """``make demo``: train an SFT LoRA on the default model on this CPU, serve it, compare replies.
 
-    python -m training.demo [--method lora|dora|ia3|ln_tuning] [--steps 30] [--output runs/demo] [--skip-train]
+    python -m training.demo [--method lora|dora|ia3|ln_tuning|bottleneck] [--steps 30] [--output runs/demo] [--skip-train]
                             [--backend server|peft]
 
 The adapter learns the fixed reply format of training/data/sft.jsonl (``ANSWER: <answer>``).
 The demo then starts an adapterserve server in-process on the same base model, registers the
 adapter over gRPC, asks held-out questions (training/data/eval_prompts.jsonl) with and without
 the adapter, and prints both replies side by side, plus how many replies follow the format.
-``--backend peft`` answers with transformers + PEFT instead of the server (a reference).
+``--backend peft`` answers with transformers + PEFT instead of the server (a reference; PEFT has no
+bottleneck adapters, so not for ``--method bottleneck``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data"
 FORMAT_PREFIX = "ANSWER:"
 # Learning rate per --method when --lr is not given (IA3 and LN tuning train a few thousand scales).
-DEMO_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-2, "ln_tuning": 3e-2}
+DEMO_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-2, "ln_tuning": 3e-2, "bottleneck": 1e-3}
 
 
 def replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
@@ -132,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["server", "peft"], default="server",
                         help="who answers: an in-process adapterserve server (default) or transformers + PEFT")
     args = parser.parse_args(argv)
+    if args.method == "bottleneck" and args.backend == "peft":
+        parser.error("--backend peft: PEFT has no bottleneck adapters (use --backend server)")
 
     from server.model.default_model import ensure_default_model
+    from training.register import adapter_files
 
     model_dir = ensure_default_model()
     adapter_dir = Path(args.output)
@@ -149,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code:
             return code
         print(f"\ntrained {args.steps} steps in {time.perf_counter() - started:.0f} s -> {adapter_dir}\n")
-    elif not (adapter_dir / "adapter_model.safetensors").is_file():
+    elif not (adapter_dir / adapter_files(adapter_dir)[1]).is_file():
         print(f"error: --skip-train but no adapter in {adapter_dir}", file=sys.stderr)
         return 2
 

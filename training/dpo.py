@@ -1,7 +1,8 @@
 """``dpo``: offline RLHF, direct preference optimisation of a LoRA policy.
 
 Data: preference pairs ``{"prompt", "chosen", "rejected"}``. The reference policy is the base
-model itself (PEFT disables the adapter for the reference pass, so no second copy is loaded).
+model itself (PEFT disables the adapter for the reference pass, so no second copy is loaded; with
+``--method bottleneck`` TRL loads the base a second time as the reference).
 Trainer: TRL ``DPOTrainer`` with a LoRA ``peft_config``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from training.cli import explicit_fields
 from training.config import DPOArgs, default_lr
 from training.data import holdout_split, preferences_to_trl, read_preferences
-from training.methods import check_method_options, weight_method_config
+from training.methods import check_method_options, trainer_model
 from training.runtime import (
     callbacks,
     check_options,
@@ -24,7 +25,7 @@ from training.runtime import (
 
 def run(cfg: DPOArgs) -> int:
     """Validate the pairs, train the DPO LoRA policy, export and optionally register it."""
-    check_method_options(cfg.method, explicit_fields(cfg))
+    check_method_options(cfg.method, explicit_fields(cfg), cfg)
     check_options(cfg)
     pairs = read_preferences(cfg.data)
     train_rows, eval_rows = holdout_split(pairs, cfg.eval_fraction, cfg.seed) if cfg.eval_fraction > 0 else (pairs, [])
@@ -36,15 +37,17 @@ def run(cfg: DPOArgs) -> int:
 
     lr = cfg.lr if cfg.lr is not None else default_lr("dpo", cfg.method)
     say(f"dpo: {len(train_rows)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, model {run_.model_path}")
-    args = DPOConfig(**training_arguments(run_, lr), beta=cfg.beta, loss_type=[cfg.loss_type],
+    common = training_arguments(run_, lr)
+    model, peft_config = trainer_model(run_, common)
+    args = DPOConfig(**common, beta=cfg.beta, loss_type=[cfg.loss_type],
                      max_length=cfg.max_length, eval_strategy="no")
     trainer = DPOTrainer(
-        model=run_.model_path,
+        model=model,
         args=args,
         train_dataset=Dataset.from_list(preferences_to_trl(train_rows, chat)),
         eval_dataset=Dataset.from_list(preferences_to_trl(eval_rows, chat)) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=weight_method_config(cfg.method, cfg),
+        peft_config=peft_config,
         callbacks=callbacks(run_),
     )
     train(run_, trainer)

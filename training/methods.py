@@ -13,6 +13,11 @@ What each kind saves (``adapter_model.safetensors``), as the server reads it:
   outputs, down_proj input).
 - ``ln_tuning`` (LN_TUNING): trained copies of the RMSNorm weights, ``.ln_tuning_layers.weight``
   (PEFT's defaults for the architecture; Llama: every layer's two norms and the final norm).
+- ``bottleneck`` (not PEFT: :mod:`training.bottleneck` injects the layers itself): AdapterHub's format,
+  ``adapter_config.json`` + ``adapter.safetensors``.
+
+:func:`trainer_model` is what every command hands its TRL trainer: the base model's path plus a PEFT config,
+or, for ``bottleneck``, the loaded model with the bottlenecks injected and no PEFT config.
 """
 
 from __future__ import annotations
@@ -83,8 +88,13 @@ def prompt_learning_config(method: str, args: PromptLearningArgs, tokenizer_path
     raise UsageError(f"unknown prompt-learning method {method!r}")
 
 
-def check_method_options(method: str, explicit: dict[str, Any]) -> None:
-    """Refuse options that belong to another method (e.g. ``--init-text`` with ``--method lora``)."""
+def check_method_options(method: str, explicit: dict[str, Any], cfg: Any = None) -> None:
+    """Refuse options that belong to another method (e.g. ``--init-text`` with ``--method lora``) and, with
+    `cfg`, bad bottleneck options (before any output is written)."""
+    if method == "bottleneck" and cfg is not None:
+        from training.bottleneck import hub_config
+
+        hub_config(cfg.placement, cfg.reduction_factor)
     own = set(METHOD_OPTIONS[method])
     for names in METHOD_OPTIONS.values():
         for name in names:
@@ -95,7 +105,23 @@ def check_method_options(method: str, explicit: dict[str, Any]) -> None:
 
 
 def peft_config_for(method: str, args: Any, tokenizer_path: str) -> Any:
-    """The PEFT config for an SFT/CPT ``--method``."""
+    """The PEFT config for a ``--method`` that PEFT trains (every one but ``bottleneck``)."""
     if method in WEIGHT_METHODS:
         return weight_method_config(method, args)
     return prompt_learning_config(method, args, tokenizer_path)
+
+
+def trainer_model(run: Any, train_args: dict[str, Any]) -> tuple[Any, Any]:
+    """``(model, peft_config)`` for a TRL trainer: ``(run.model_path, PEFT config)``, or for ``--method
+    bottleneck`` the base loaded in the run's dtype with its bottlenecks injected and ``None`` (then the
+    trainer gets no ``model_init_kwargs``: `train_args` is changed in place)."""
+    cfg = run.cfg
+    if cfg.method != "bottleneck":
+        return run.model_path, peft_config_for(cfg.method, cfg, run.model_path)
+    from training import bottleneck
+
+    dtype = train_args["model_init_kwargs"]["dtype"]
+    train_args["model_init_kwargs"] = None
+    model = bottleneck.build_model(run.model_path, cfg.placement, cfg.reduction_factor,
+                                   bottleneck.adapter_name(run.output), dtype, cfg.seed, cfg.gradient_checkpointing)
+    return model, None

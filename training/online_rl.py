@@ -16,7 +16,7 @@ from typing import Any
 from training.cli import UsageError, explicit_fields
 from training.config import OnlineRLArgs, default_lr
 from training.data import prompts_to_trl, read_prompts
-from training.methods import check_method_options, weight_method_config
+from training.methods import check_method_options, trainer_model
 from training.runtime import (
     callbacks,
     check_options,
@@ -62,7 +62,7 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
     """Validate prompts and reward model, train the policy with GRPO or RLOO, export/register it."""
     if not cfg.reward_model:
         raise UsageError("--reward-model is required (a folder written by `python -m training reward`)")
-    check_method_options(cfg.method, explicit_fields(cfg))
+    check_method_options(cfg.method, explicit_fields(cfg), cfg)
     check_options(cfg)
     prompts = read_prompts(cfg.data)
     reward_model_base(cfg.reward_model)
@@ -85,19 +85,20 @@ def run(cfg: OnlineRLArgs, command: str = "grpo") -> int:
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
 
+    model, peft_config = trainer_model(run_, common)
     say(f"{command}: {len(prompts)} prompts x {cfg.num_generations} completions, reward model {cfg.reward_model}")
     args = Config(
         **common, num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, beta=cfg.beta,
     )
     trainer = Trainer(
-        model=run_.model_path,
+        model=model,
         reward_funcs=reward_model,
         args=args,
         train_dataset=Dataset.from_list(prompts_to_trl(prompts, chat)),
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
-        peft_config=weight_method_config(cfg.method, cfg),
+        peft_config=peft_config,
         callbacks=callbacks(run_),
     )
     train(run_, trainer)

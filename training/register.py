@@ -13,7 +13,8 @@ from typing import Any
 
 from training.cli import UsageError
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's save_pretrained
+ADAPTERHUB_FILES = ("adapter_config.json", "adapter.safetensors")  # AdapterHub's save_adapter (bottleneck)
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -26,6 +27,14 @@ def check_target(target: str, adapter_id: str) -> None:
         raise UsageError(f"--adapter-id {adapter_id!r}: 1-128 characters of [A-Za-z0-9._-], not '.' or '..'")
 
 
+def adapter_files(folder: str | Path) -> tuple[str, str]:
+    """The two files of the adapter in `folder`: PEFT's, or AdapterHub's when only its weights file is there."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_FILES[1]).is_file() and (folder / ADAPTERHUB_FILES[1]).is_file():
+        return ADAPTERHUB_FILES
+    return ADAPTER_FILES
+
+
 def register_adapter(
     target: str,
     adapter_id: str,
@@ -36,7 +45,8 @@ def register_adapter(
     tls_ca: str | None = None,
     timeout: float = 120.0,
 ) -> Any:
-    """Upload ``adapter_dir``'s two adapter files as ``adapter_id``; return the server's ``Adapter``.
+    """Upload ``adapter_dir``'s two adapter files (PEFT's or AdapterHub's) as ``adapter_id``; return the
+    server's ``Adapter``.
 
     ``token`` (default ``$ADAPTERSERVE_TOKEN``) is sent as ``authorization: Bearer <token>``;
     ``tls_ca`` switches to TLS with that CA bundle. gRPC errors propagate as ``grpc.RpcError``.
@@ -46,7 +56,7 @@ def register_adapter(
     from adapterserve.v1 import adapterserve_pb2, adapterserve_pb2_grpc
 
     folder = Path(adapter_dir)
-    config_json, safetensors = ((folder / name).read_bytes() for name in ADAPTER_FILES)
+    config_json, safetensors = ((folder / name).read_bytes() for name in adapter_files(folder))
     size = len(config_json) + len(safetensors) + (1 << 20)
     options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", 16 << 20)]
     if tls_ca:

@@ -3,7 +3,7 @@
 Output folder layout (``--output DIR``)::
 
     DIR/adapter_config.json        the PEFT adapter, exactly what the server registers
-    DIR/adapter_model.safetensors
+    DIR/adapter_model.safetensors  (--method bottleneck: AdapterHub's adapter_config.json + adapter.safetensors)
     DIR/metrics.jsonl              one JSON record per Trainer log
     DIR/loss.png                   loss curve (+ reward / accuracy when logged)
     DIR/training_config.yaml       the resolved options; `--config` accepts it back
@@ -23,7 +23,7 @@ from typing import Any
 from training.cli import UsageError, to_yaml
 from training.config import CommonArgs
 from training.metrics import METRICS_FILE, PLOT_FILE, MetricsCallback
-from training.register import ADAPTER_FILES, check_target, register_adapter
+from training.register import ADAPTER_FILES, ADAPTERHUB_FILES, adapter_files, check_target, register_adapter
 
 log = logging.getLogger("adapterserve.training")
 CHECKPOINTS = "checkpoints"
@@ -93,7 +93,7 @@ def start_run(cfg: CommonArgs, command: str) -> Run:
     if _is_main():
         output.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
-            for name in (*ADAPTER_FILES, METRICS_FILE, PLOT_FILE):
+            for name in (*ADAPTER_FILES, *ADAPTERHUB_FILES, METRICS_FILE, PLOT_FILE):
                 (output / name).unlink(missing_ok=True)
             shutil.rmtree(run.checkpoints, ignore_errors=True)
         (output / CONFIG_FILE).write_text(to_yaml(cfg, command), encoding="utf-8")
@@ -206,10 +206,18 @@ def train(run: Run, trainer: Any) -> Any:
 
 
 def export_adapter(run: Run, trainer: Any) -> Path:
-    """Save the adapter via the Trainer (gathers sharded weights), keep only the two PEFT files."""
+    """Save the adapter via the Trainer (gathers sharded weights), keep only the two PEFT files (or write
+    AdapterHub's two files for ``--method bottleneck``)."""
     final = run.checkpoints / "final"
     trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
+    cfg = run.cfg
+    if trainer.is_world_process_zero() and getattr(cfg, "method", None) == "bottleneck":
+        from training import bottleneck
+
+        bottleneck.export_adapterhub(final, run.output, cfg.placement, cfg.reduction_factor,
+                                     bottleneck.adapter_name(run.output), run.model_path)
+        shutil.rmtree(final, ignore_errors=True)
+    elif trainer.is_world_process_zero():
         for name in ADAPTER_FILES:
             if not (final / name).is_file():
                 raise RuntimeError(f"the trainer did not write {name} (is the model a PEFT model?)")
@@ -226,7 +234,7 @@ def finish(run: Run) -> int:
     """Report where the adapter is and register it with a server when ``--register`` was given."""
     if not _is_main():
         return 0
-    say(f"adapter saved: {run.output}/{{{','.join(ADAPTER_FILES)}}}; metrics: {run.output / METRICS_FILE}")
+    say(f"adapter saved: {run.output}/{{{','.join(adapter_files(run.output))}}}; metrics: {run.output / METRICS_FILE}")
     cfg = run.cfg
     if not cfg.register:
         return 0

@@ -24,9 +24,10 @@ def test_help(command, capsys):
 def test_sft_help_lists_every_method_option(capsys):
     run_cli("sft", "--help")
     out = capsys.readouterr().out
-    for flag in ("--method {lora,prompt,ptuning,prefix,dora,ia3,ln_tuning}", "--rank", "--alpha", "--target-modules", "--dropout",
-                 "--num-virtual-tokens", "--init-text", "--encoder {MLP,LSTM}", "--encoder-hidden-size",
-                 "--projection", "--register", "--adapter-id"):
+    for flag in ("--method {lora,prompt,ptuning,prefix,dora,ia3,ln_tuning,bottleneck}", "--rank", "--alpha",
+                 "--target-modules", "--dropout", "--num-virtual-tokens", "--init-text", "--encoder {MLP,LSTM}",
+                 "--encoder-hidden-size", "--projection", "--reduction-factor", "--placement {pfeiffer,houlsby}",
+                 "--register", "--adapter-id"):
         assert flag in out, flag
 
 
