@@ -89,7 +89,10 @@ def test_each_kind_equals_peft_and_differs_from_base(server, references, kind):
     assert any(refs[kind][i][0] != refs[None][i][0] for i in range(len(prompts))), "adapter must change the output"
 
 
-def test_mixed_batch_of_every_kind_and_base(server, references):
+def test_mixed_batch_of_peft_kinds_and_their_variants(server, references):
+    """Every PEFT kind plus variants (mixed ranks, rsLoRA, IA3 on o_proj's input, LN on every norm) in shared
+    batches; the one-step test of every kind, bottleneck and weighted mix included, is in
+    test_serving_bottleneck.py (it needs AdapterHub's reference environment)."""
     prompts, refs = references
     names = [*KINDS, "lora2", "lora3", "ia3b", "ln_all"]
     for name in names:

@@ -2,20 +2,24 @@
 
 AdapterHub makes and saves the adapters (``save_adapter``, safetensors) and decodes them greedily with
 full forward passes; the server reads the folders unchanged and must give the same greedy tokens with
-logprobs within 1e-3, alone and in one mixed batch with every other kind (checked against PEFT).
+logprobs within 1e-3, alone and in one batch step with every other kind (checked against PEFT: LoRA,
+prompt, P-tuning, prefix, DoRA, IA3, LN tuning, a weighted LoRA mix against ``add_weighted_adapter``
+``cat``) and the base model.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import random
+import threading
+import time
 
 import grpc
 import pytest
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.adapterhub import call_many, greedy_request, make_request
-from tests.peft_reference import make_peft_adapter, peft_greedy_reference
+from tests.peft_reference import make_peft_adapter, peft_greedy_reference, peft_mix_reference
+from tests.serving import make_request as make_generate_request
 
 N_NEW = 8
 BOTTLENECKS = {  # name -> (AdapterHub config class, config); widths on the tiny llama (hidden 64): 4, 8, 16
@@ -24,7 +28,9 @@ BOTTLENECKS = {  # name -> (AdapterHub config class, config); widths on the tiny
     "bn_gelu_learned": ("BnConfig", {"mh_adapter": True, "output_adapter": False, "reduction_factor": 4,
                                      "non_linearity": "gelu", "original_ln_before": True, "scaling": "learned"}),
 }
-PEFT_KINDS = ["lora", "prompt", "prefix", "ia3"]
+PEFT_KINDS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln"]
+MIX = [("lora", 0.7), ("lora2", -0.5)]  # a weighted LoRA mix (GenerateRequest.adapters)
+MIX_ID = "lora*0.7+lora2*-0.5"  # how the server names that mix
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +50,16 @@ def setup(tmp_path_factory, tiny_model_factory):
             for name, a in zip(["hub_base", *BOTTLENECKS], answers, strict=True)}
     for i, kind in enumerate(PEFT_KINDS):
         make_peft_adapter(base, root / kind, kind, seed=40 + i)
+    make_peft_adapter(base, root / "lora2", "lora", seed=60, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     for name in [None, *PEFT_KINDS]:
         refs[name] = [peft_greedy_reference(base, None if name is None else root / name, p, N_NEW) for p in prompts]
+    refs[MIX_ID] = [peft_mix_reference(base, [(root / a, w) for a, w in MIX], p, N_NEW) for p in prompts]
     return root, prompts, refs
 
 
 @pytest.fixture
 def server(start_server, tiny_llama, setup):
-    return start_server(tiny_llama, adapter_root=str(setup[0]), kv_cache_tokens=4096, max_batch_size=16,
+    return start_server(tiny_llama, adapter_root=str(setup[0]), kv_cache_tokens=4096, max_batch_size=32,
                         max_resident_adapters=16)
 
 
@@ -60,7 +68,12 @@ def register(srv, adapter_id, path=None, **kw):
 
 
 def gen(srv, ids, adapter=""):
-    return srv.generate(token_ids=ids, adapter_id=adapter, max_new_tokens=N_NEW, ignore_eos=True, logprobs=True)
+    """Greedy generation with `adapter` (an id, "" for the base model, or MIX_ID for the weighted mix)."""
+    request = make_generate_request(token_ids=ids, adapter_id="" if adapter == MIX_ID else adapter,
+                                    max_new_tokens=N_NEW, ignore_eos=True, logprobs=True)
+    if adapter == MIX_ID:
+        request.adapters.extend(pb.AdapterWeight(adapter_id=a, weight=w) for a, w in MIX)
+    return srv.gen.Generate(request, timeout=120)
 
 
 def assert_matches(resp, ref, name=None):
@@ -87,17 +100,40 @@ def test_each_bottleneck_equals_adapterhub_and_differs_from_base(server, setup, 
     assert any(refs[name][i][0] != refs[None][i][0] for i in range(len(prompts))), "adapter must change the output"
 
 
-def test_mixed_batch_with_every_kind_and_base(server, setup):
+def test_every_kind_shares_one_batch_step_with_equal_outputs(server, setup):
+    """One request of every kind per prompt, queued while the engine is held so that they join the batch
+    together: a decode step holds a row of each (three bottleneck variants, LoRA, prompt, P-tuning, prefix,
+    DoRA, IA3, LN tuning, a weighted mix, base), and each output equals its own reference."""
     _, prompts, refs = setup
-    names = [*BOTTLENECKS, *PEFT_KINDS]
-    for name in names:
+    for name in [*BOTTLENECKS, *PEFT_KINDS, "lora2"]:
         register(server, name)
-    jobs = [(name, i) for name in [None, *names] for i in range(len(prompts))] * 2
-    random.Random(0).shuffle(jobs)
+    kinds = [None, *BOTTLENECKS, *PEFT_KINDS, MIX_ID]
+    engine = server.app.engine
+    steps: list[tuple[str, set[str]]] = []
+    forward = engine._forward
+
+    def spy(rows, phase):  # engine thread: which adapters each forward's rows belong to
+        steps.append((phase, {r.adapter.adapter_id if r.adapter is not None else "" for r, _ in rows}))
+        forward(rows, phase)
+
+    engine._forward = spy
+    resume = threading.Event()
+    engine.call(lambda: resume.wait(60))  # the engine holds between steps until every request is queued
+    jobs = [(name, i) for name in kinds for i in range(len(prompts))]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futs = [(name, i, pool.submit(gen, server, prompts[i], name or "")) for name, i in jobs]
+        try:
+            deadline = time.monotonic() + 30
+            while len(engine.waiting) < len(jobs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            queued = len(engine.waiting)
+        finally:
+            resume.set()
+        assert queued == len(jobs)
         for name, i, f in futs:
             assert_matches(f.result(), refs[name][i], name)
+    every = {name or "" for name in kinds}
+    assert any(phase == "decode" and ids == every for phase, ids in steps), steps[:4]
 
 
 def test_upload_inline_replace_and_unregister(server, setup):

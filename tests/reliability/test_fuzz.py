@@ -132,6 +132,60 @@ def test_fuzz_register(server, lora_files, data):
         server.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=req.adapter_id), timeout=30)
 
 
+# AdapterHub's bottleneck format: the BnConfig fields the server reads, and the top-level hidden_size.
+BOTTLENECK_FIELDS = ["architecture", "configs", "is_parallel", "ln_before", "ln_after", "use_gating", "phm_layer",
+                     "inv_adapter", "cross_adapter", "mh_adapter", "output_adapter", "original_ln_before",
+                     "original_ln_after", "residual_before_ln", "non_linearity", "scaling", "hidden_size"]
+
+
+@pytest.fixture(scope="module")
+def bottleneck_files(tiny_llama):
+    """A valid Houlsby adapter in AdapterHub's format (as `training --method bottleneck` writes it)."""
+    import torch
+
+    from training.bottleneck import FORMAT_VERSION, hub_config
+
+    base = json.loads((tiny_llama / "config.json").read_text())
+    hidden, width = base["hidden_size"], base["hidden_size"] // 8
+    config = {"config": hub_config("houlsby", 8), "hidden_size": hidden, "model_class": "LlamaForCausalLM",
+              "model_name": "tiny", "model_type": "llama", "name": "bn", "version": FORMAT_VERSION}
+    g = torch.Generator().manual_seed(0)
+    shapes = {"adapter_down.0.weight": (width, hidden), "adapter_down.0.bias": (width,),
+              "adapter_up.weight": (hidden, width), "adapter_up.bias": (hidden,)}
+    tensors = {f"model.layers.{i}.{site}.adapters.bn.{name}": torch.randn(*shape, generator=g) * 0.1
+               for i in range(base["num_hidden_layers"]) for site in ("attention_adapters", "output_adapters")
+               for name, shape in shapes.items()}
+    return config, st_save(tensors)
+
+
+def test_the_unfuzzed_bottleneck_registers(server, bottleneck_files):
+    config, weights = bottleneck_files
+    files = pb.AdapterFiles(config_json=json.dumps(config).encode(), safetensors=weights)
+    info = server.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="bn-ok", files=files), timeout=60)
+    assert info.type == pb.BOTTLENECK
+    server.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="bn-ok"), timeout=30)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_bottleneck_config(server, bottleneck_files, data):
+    """Any value in the fields the server reads: registered, or INVALID_ARGUMENT naming one of those fields."""
+    config, weights = bottleneck_files
+    config = json.loads(json.dumps(config))
+    fields = data.draw(st.lists(st.sampled_from(BOTTLENECK_FIELDS), min_size=1, max_size=2, unique=True))
+    for field in fields:
+        (config if field == "hidden_size" else config["config"])[field] = data.draw(json_values)
+    files = pb.AdapterFiles(config_json=json.dumps(config).encode(), safetensors=weights)
+    try:
+        server.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="fz-bn", files=files), timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (fields, e.code(), e.details())
+        named = [f if f == "hidden_size" else f"config.{f}" for f in fields]
+        assert any(name in e.details() for name in named), (fields, e.details())
+    else:
+        server.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="fz-bn"), timeout=30)
+
+
 @settings(FUZZ, max_examples=80)
 @given(method=st.sampled_from(sorted(METHODS)), data=st.binary(max_size=96))
 def test_fuzz_raw_bytes(server, method, data):
