@@ -39,6 +39,7 @@ class ModelRuntime(Protocol):
     args: ModelArgs
     device: str
     dtype: torch.dtype
+    use_kernels: bool  # the Triton kernels run the forward (and the engine's sampling draw)
 
     def forward(self, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [B, V] at each row's last new token ([B, S, V] with `all_logits`)."""

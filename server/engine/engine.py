@@ -597,7 +597,7 @@ class Engine:
             logits = logits[finite]
             if not batch:
                 return
-        tokens, infos = sample(logits, batch, self.tokenizer.eos_token_ids)
+        tokens, infos = sample(logits, batch, self.tokenizer.eos_token_ids, use_kernel=self.runtime.use_kernels)
         now = time.perf_counter()
         for r, tok, info in zip(batch, tokens, infos, strict=True):
             if r.first_token_at is None:
