@@ -74,22 +74,28 @@ def expand_reference(shrunk: torch.Tensor, bts: list[torch.Tensor], columns: lis
 if triton is not None:
 
     @triton.jit
+    def _slot_rows(order_ptr, counts_ptr, starts_ptr, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's share of the grid (row blocks x column blocks, slots): its slot, its column block,
+        the token indices [BM] of its BLOCK_M-slice of that slot's tokens with their mask, and whether
+        the slice is empty (the program then has nothing to do)."""
+        pid = tl.program_id(0)
+        slot = tl.program_id(1)
+        n_blocks = tl.cdiv(n_cols, BLOCK_N)
+        pid_m = pid // n_blocks
+        count = tl.load(counts_ptr + slot)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < count
+        rows = tl.load(order_ptr + tl.load(starts_ptr + slot) + offs_m, mask=row_ok, other=0)  # [BM] token indices
+        return slot, pid % n_blocks, rows, row_ok, pid_m * BLOCK_M >= count
+
+    @triton.jit
     def _shrink_kernel(x_ptr, at_ptr, y_ptr, order_ptr, counts_ptr, starts_ptr,
                        K, R, stride_xm, stride_as, stride_ak, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        UPCAST: tl.constexpr):
-        pid = tl.program_id(0)
-        slot = tl.program_id(1)
-        n_blocks = tl.cdiv(R, BLOCK_N)
-        pid_m = pid // n_blocks
-        pid_n = pid % n_blocks
-        count = tl.load(counts_ptr + slot)
-        if pid_m * BLOCK_M >= count:
+        slot, pid_n, rows, row_ok, empty = _slot_rows(order_ptr, counts_ptr, starts_ptr, R, BLOCK_M, BLOCK_N)
+        if empty:
             return
-        start = tl.load(starts_ptr + slot)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < count
-        rows = tl.load(order_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] token indices
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < R
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -129,18 +135,9 @@ if triton is not None:
                        RANK, W0, W1, W2, C0, C1, C2, MAX_W, stride_ym, stride_om,
                        NUM_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr):
-        pid = tl.program_id(0)
-        slot = tl.program_id(1)
-        n_blocks = tl.cdiv(MAX_W, BLOCK_N)
-        pid_m = pid // n_blocks
-        pid_n = pid % n_blocks
-        count = tl.load(counts_ptr + slot)
-        if pid_m * BLOCK_M >= count:
+        slot, pid_n, rows, row_ok, empty = _slot_rows(order_ptr, counts_ptr, starts_ptr, MAX_W, BLOCK_M, BLOCK_N)
+        if empty:
             return
-        start = tl.load(starts_ptr + slot)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < count
-        rows = tl.load(order_ptr + start + offs_m, mask=row_ok, other=0)
         _expand_one(y_ptr, b0_ptr, out_ptr, rows, row_ok, slot, pid_n, RANK, W0, C0, 0, stride_ym, stride_om,
                     BLOCK_M, BLOCK_N, BLOCK_R)
         if NUM_PROJ > 1:

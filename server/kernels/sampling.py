@@ -40,14 +40,21 @@ NUM_PIVOTS = 16
 
 
 if triton is not None:
-    # Helpers are few and called rarely: the interpreter re-patches triton.language at every nested
-    # @triton.jit call, so the per-block work stays inline.
-
     @triton.jit
     def _key(s):
         """Order-preserving int32 key of float32 values (-0.0 already mapped to +0.0)."""
         bits = s.to(tl.int32, bitcast=True)
         return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    @triton.jit
+    def _block(x_ptr, v0, V, temp, BLOCK: tl.constexpr):
+        """One block of the row from v0: scaled values s [BLOCK] clamped to float32's finite range (as
+        the torch path clamps them; -0.0 becomes +0.0), their order keys, the in-row mask, the indices."""
+        offs = v0 + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        s = tl.minimum(tl.maximum(tl.div_rn(x, temp), -3.4028234663852886e38), 3.4028234663852886e38) + 0.0
+        return s, _key(s), ok, offs
 
     @triton.jit
     def _value(key):
@@ -65,12 +72,7 @@ if triton is not None:
         mass = tl.zeros((NP,), dtype=tl.float32)
         piv = pivots.to(tl.int32)
         for v0 in range(0, V, BLOCK):
-            offs = v0 + tl.arange(0, BLOCK)
-            ok = offs < V
-            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            s = tl.minimum(tl.maximum(tl.div_rn(x, temp), -3.4028234663852886e38), 3.4028234663852886e38) + 0.0
-            bits = s.to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as _key
+            s, key, ok, offs = _block(x_ptr, v0, V, temp, BLOCK)
             hit = (key[:, None] > piv[None, :]) & ok[:, None]  # [BLOCK, NP]
             if COUNT:
                 count += tl.sum(hit.to(tl.float32), 0)
@@ -124,10 +126,7 @@ if triton is not None:
         mn = float("inf")
         arg = 0
         for v0 in range(0, V, BLOCK):
-            offs = v0 + tl.arange(0, BLOCK)
-            ok = offs < V
-            x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            s = tl.minimum(tl.maximum(tl.div_rn(x, temp), -3.4028234663852886e38), 3.4028234663852886e38) + 0.0
+            s, key, ok, offs = _block(x_ptr, v0, V, temp, BLOCK)
             blk_max = tl.max(tl.where(ok, s, -float("inf")), 0)
             blk_arg = tl.min(tl.where(ok & (s == blk_max), offs, V), 0)
             arg = tl.where(blk_max > m, blk_arg, arg)
@@ -174,12 +173,8 @@ if triton is not None:
             found = -1
             last = 0
             for v0 in range(0, V, BLOCK):
-                offs = v0 + tl.arange(0, BLOCK)
-                ok = offs < V
-                x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-                s = tl.minimum(tl.maximum(tl.div_rn(x, temp), -3.4028234663852886e38), 3.4028234663852886e38) + 0.0
-                bits = s.to(tl.int32, bitcast=True)
-                eq = ok & (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) == d)  # key == d, as _key
+                s, key, ok, offs = _block(x_ptr, v0, V, temp, BLOCK)
+                eq = ok & (key == d)
                 rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
                 found = tl.maximum(found, tl.max(tl.where(eq & (rank == j), offs, -1), 0))
                 last = tl.maximum(last, tl.max(tl.where(eq, offs, -1), 0))
