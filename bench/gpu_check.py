@@ -7,13 +7,15 @@ Run on a CUDA machine, from the repository root (under 5 minutes on one H200):
 
 Wheels to carry: none. It needs PyTorch with CUDA, triton, transformers and peft (the device
 machine has them; safetensors/tokenizers come with transformers). No weights travel: every model
-is a random-weight Llama of the named shape built on the GPU, and the adapters are random LoRA
-adapters of mixed ranks plus a random KV prefix (prompt/prefix adapters are KV prefixes here).
+is a random-weight Llama of the named shape built on the GPU, and the adapters are PEFT adapters
+with random weights: LoRA of mixed ranks, prompt tuning and prefix tuning (the latter two saved by
+PEFT and read by the server's own adapter loader, then served as KV prefixes).
 CPU smoke run, as tests/bench/test_gpu_check.py does: ``python -m bench.gpu_check --device cpu --tiny``.
 
-Prints one markdown table: greedy tokens and logits vs transformers and PEFT (mixed LoRA batch,
-same weights, same device); the fused-kernel forward vs the torch forward after a cached prefix;
-each kernel vs its torch reference; decode throughput at 1/16/64/256 concurrent rows for base,
+Prints one markdown table: greedy tokens and logits vs transformers and PEFT (a mixed LoRA batch,
+and a batch mixing a prompt-tuning and a prefix-tuning adapter; same weights, same device); each
+kernel vs its torch reference (the sampling kernel's tokens vs the torch draw, and its time);
+decode throughput at 1/16/64/256 concurrent rows for base,
 8 LoRA and 64 LoRA, CUDA graphs on and off, and transformers' batched generate() as the baseline
 (each timed end to end: prefill + decode steps, sampled ids copied to the host every step);
 peak GPU memory per config.
@@ -22,13 +24,18 @@ peak GPU memory per config.
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
+from server.adapters.formats import AdapterLimits, PrefixWeights, load_adapter_dir
 from server.adapters.lora_batch import LoraBatch, LoraSlots
+from server.engine.sampler import GREEDY_BELOW, draw
+from server.kernels.runtime import kernels_available
 from server.model.config import LINEAR_MODULES, ModelArgs
 from server.model.llama import LlamaRuntime, PagedKVCache, StepInput
 from server.model.weights import fuse_weights
@@ -101,19 +108,26 @@ def new_cache(rt: LlamaRuntime, tokens: int) -> PagedKVCache:
 
 def generate(rt: LlamaRuntime, ids: torch.Tensor, new_tokens: int, slots: LoraSlots | None = None,
              row_slots: list[int] | None = None, cache: PagedKVCache | None = None,
+             prefixes: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
              ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy decode of equal-length prompts ids [B, S] through a paged cache; (tokens per row, prefill logits).
 
-    Pass the same `cache` to repeated runs: CUDA graphs are captured for one cache."""
+    `prefixes`: per row, K and V [L, H_kv, n, D] of a prompt/prefix adapter written into the row's first n
+    cache entries (its prompt then sits at positions n..), or None. Pass the same `cache` to repeated runs:
+    CUDA graphs are captured for one cache."""
     bsz, seq = ids.shape
     dev = rt.device
-    prefix = 0
-    per_row = (prefix + seq + new_tokens) // PAGE + 1
+    prefixes = prefixes or [None] * bsz
+    lens = [0 if p is None else p[0].shape[2] for p in prefixes]
+    per_row = (max(lens) + seq + new_tokens) // PAGE + 1
     if cache is None or cache.num_pages < bsz * per_row:
         cache = new_cache(rt, bsz * per_row * PAGE)
     tables = torch.arange(bsz * per_row, device=dev).view(bsz, per_row)
+    for row, p in enumerate(prefixes):
+        if p is not None:
+            cache.write_prefix(p[0], p[1], cache.slots(tables[row:row + 1], torch.arange(lens[row], device=dev)[None])[0])
     lora = (lambda: LoraBatch(slots, row_slots, None)) if slots is not None else (lambda: None)
-    start = torch.full((bsz,), prefix, device=dev)
+    start = torch.tensor(lens, device=dev)
     step = StepInput(start=start, lengths=torch.full((bsz,), seq, device=dev), block_tables=tables,
                      input_ids=ids, lora=lora())
     logits = rt.forward(step, cache)  # [B, V]
@@ -182,27 +196,91 @@ def check_vs_peft(name: str, hf, rt: LlamaRuntime, rows: list[Row], new_tokens: 
     peft_model.unload()  # back to the plain model for the baselines
 
 
-def check_prefix(name: str, rt: LlamaRuntime, rows: list[Row]) -> None:
-    """Prefill after a 20-entry KV prefix (a prompt/prefix adapter): kernel forward vs torch forward."""
-    if not rt.use_kernels:
-        rows.append(Row("prefix", name, "kernel vs torch forward", "n/a", "kernels off on this device"))
-        return
-    ref = LlamaRuntime(rt.args, rt.w, rt.device, rt.dtype, matmul="blas", kernels="torch")
+def prefix_kv(rt: LlamaRuntime, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [L, H_kv, n, D] an adapter puts in front of a row: prefix tuning's raw K/V, or prompt tuning's
+    virtual tokens run once at positions 0..n-1 (as server.adapters.residency does at registration)."""
+    if isinstance(weights, PrefixWeights):
+        return weights.keys.to(rt.device, rt.dtype), weights.values.to(rt.device, rt.dtype)
+    emb = weights.embeddings.to(rt.device, rt.dtype)  # [n, hidden]
+    n = emb.shape[0]
+    cache = PagedKVCache(rt.args, 1, n, rt.dtype, rt.device)
+    zero = torch.zeros(1, dtype=torch.long, device=rt.device)
+    rt.forward(StepInput(start=zero, lengths=torch.tensor([n], device=rt.device), block_tables=zero[None],
+                         input_embeds=emb[None]), cache)
+    return cache.read(torch.arange(n, device=rt.device))
+
+
+@torch.inference_mode()
+def peft_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """(first logits [B, V], greedy tokens per row) from PEFT's forward over the whole sequence at every
+    step (no KV cache and no generate(), whose prompt-learning path is the part under doubt)."""
+    seq, first, out = ids, None, []
+    for _ in range(new_tokens):
+        logits = model(input_ids=seq).logits[:, -1].float()  # [B, V]
+        first = logits if first is None else first
+        nxt = logits.argmax(-1)
+        out.append(nxt)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+    return first, torch.stack(out, 1).tolist()
+
+
+def check_prompt_kinds(name: str, hf, rt: LlamaRuntime, rows: list[Row], new_tokens: int) -> None:
+    """A prompt-tuning adapter (8 virtual tokens) and a prefix-tuning adapter (20) made by PEFT, saved and
+    read back by the server's loader, served in one batch of ours (2 rows each); PEFT runs each on its own."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    kinds = {"prompt tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+             "prefix tuning": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)}
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, rt.args.vocab_size, (3, 9), generator=gen).to(rt.device)
-    results = []
-    for runtime in (rt, ref):
-        cache = new_cache(runtime, 3 * 4 * PAGE)
-        for layer in range(rt.args.num_layers):
-            g = torch.Generator(device=rt.device).manual_seed(layer)
-            cache.k[layer].normal_(generator=g)
-            cache.v[layer].normal_(generator=g)
-        tables = torch.arange(12, device=rt.device).view(3, 4)
-        step = StepInput(start=torch.full((3,), 20, device=rt.device), lengths=torch.tensor([9, 5, 1], device=rt.device),
-                         block_tables=tables, input_ids=ids)
-        results.append(runtime.forward(step, cache))
-    rows.append(Row("prefix", name, "kernel vs torch forward, max |diff|", f"{(results[0] - results[1]).abs().max():.3g}",
-                    "20-entry prefix, ragged 9/5/1"))
+    ids = torch.randint(0, rt.args.vocab_size, (4, 12), generator=gen).to(rt.device)
+    prefixes, refs = [], []
+    for i, cfg in enumerate(kinds.values()):
+        torch.manual_seed(20 + i)  # PEFT's own random init of the virtual tokens / raw K/V (never zero)
+        model = get_peft_model(hf, cfg).eval()
+        part = ids[2 * i:2 * i + 2]
+        refs.append(peft_greedy(model, part, new_tokens))
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder, safe_serialization=True)
+            spec = load_adapter_dir(folder, rt.args, AdapterLimits())
+        prefixes += [prefix_kv(rt, spec.weights)] * 2
+    got, logits = generate(rt, ids, new_tokens, prefixes=prefixes)
+    for i, (kind, cfg) in enumerate(kinds.items()):
+        ref_logits, want = refs[i]
+        same = sum(g == w for g, w in zip(got[2 * i:2 * i + 2], want, strict=True))
+        note = f"{cfg.num_virtual_tokens} virtual tokens, batched with the other kind"
+        rows.append(Row("vs PEFT", name, f"{kind}: greedy tokens equal", f"{same}/2", note))
+        diff = (logits[2 * i:2 * i + 2] - ref_logits).abs().max()
+        rows.append(Row("vs PEFT", name, f"{kind}: logits max |diff|", f"{diff:.3g}"))
+
+
+def check_sampling(device: str, rows: list[Row], bsz: int, vocab: int) -> None:
+    """The sampling kernel against the torch draw (same uniforms): tokens equal, and the time of each."""
+    from server.kernels.sampling import sample_rows
+
+    g = torch.Generator(device=device).manual_seed(5)
+    logits = torch.randn(bsz, vocab, generator=g, device=device) * 4  # [B, V] float32
+    temps = torch.tensor([(0.0, 0.7, 1.0, 1.3)[i % 4] for i in range(bsz)], device=device)
+    top_k = torch.tensor([(0, 50, 0, 1000)[i % 4] for i in range(bsz)], device=device)
+    top_p = torch.tensor([(1.0, 1.0, 0.9, 0.95)[i % 4] for i in range(bsz)], device=device)
+    u = torch.rand(bsz, generator=g, device=device)
+    timings = {}
+    for label, fn in (("kernel", lambda: sample_rows(logits, temps, top_k.float(), top_p, u, GREEDY_BELOW)),
+                      ("torch", lambda: draw(logits, temps, top_k, top_p, u))):
+        out = fn()  # warm-up (Triton compiles)
+        times = []
+        for _ in range(5 if device == "cuda" else 1):  # the interpreter is slow: once on CPU
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        timings[label] = (out, statistics.median(times))
+    same = int((timings["kernel"][0] == timings["torch"][0]).sum())
+    rows.append(Row("kernels", device, "sampling: tokens equal to the torch draw", f"{same}/{bsz}",
+                    f"V={vocab}; greedy, top-k, top-p and both rows"))
+    k_t, t_t = timings["kernel"][1], timings["torch"][1]
+    rows.append(Row("kernels", device, "sampling: kernel / torch draw time", f"{k_t / t_t:.2f}",
+                    f"{k_t * 1e3:.2f} ms vs {t_t * 1e3:.2f} ms for {bsz} rows"))
 
 
 def check_kernels(device: str, dtype: torch.dtype, rows: list[Row]) -> None:
@@ -249,6 +327,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows: list[Row]) -> None:
     q2 = rope.rope_write_kv_reference(qkv, cos, sin, st, ln, tables[:8], caches[2], caches[3], PAGE, 32)
     err = max((q1.float() - q2.float()).abs().max(), (caches[0].float() - caches[2].float()).abs().max())
     rows.append(Row("kernels", device, "rope + kv write max |diff|", f"{err:.3g}"))
+    check_sampling(device, rows, 64, 128256)
 
 
 def _sync(device: str) -> None:
@@ -321,6 +400,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     t_start = time.perf_counter()
     if device == "cuda":
         check_kernels(device, dtype, rows)
+    elif kernels_available(device):  # the smoke run: the sampling check at toy size, under the interpreter
+        check_sampling(device, rows, 4, 300)
     for name in configs:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -330,7 +411,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         new_tokens = 8 if args.tiny else 16
         check_vs_transformers(name, hf, rt, rows, new_tokens)
         check_vs_peft(name, hf, rt, rows, new_tokens)
-        check_prefix(name, rt, rows)
+        check_prompt_kinds(name, hf, rt, rows, new_tokens)
         conc = concurrency if name != "8b" else [c for c in concurrency if c in (1, 64, 256)]
         throughput(name, hf, rt, eager, rows, conc, steps, 32 if not args.tiny else 8, adapter_counts)
         if device == "cuda":
