@@ -40,7 +40,7 @@ class ServerConfig:
     matmul: str = _opt("onednn", "CPU matrix kernel: onednn (about 1.5x faster decoding; fp32 logits within ~2e-4 of "
                        "transformers) or blas (transformers' own kernel: identical logits).", "model",
                        choices=["onednn", "blas"])
-    kernels: str = _opt("auto", "Kernels of the forward pass: auto (fused Triton kernels on CUDA when triton is "
+    kernels: str = _opt("auto", "Kernels of the forward pass and the sampler: auto (fused Triton kernels on CUDA when triton is "
                         "installed, torch on CPU), triton (always; CPU runs Triton's interpreter, for tests), torch.",
                         "model", choices=["auto", "triton", "torch"])
     cuda_graphs: str = _opt("on", "Replay decode steps from CUDA graphs, one per batch-size bucket (CUDA with the "
