@@ -88,6 +88,7 @@ if triton is not None:
         idx = tl.arange(0, NP).to(tl.int64) + 1
         lo = lo.to(tl.int64)
         hi = hi.to(tl.int64)
+        s_hi = s_hi * 1.0  # a float32 tensor even when the caller passes a literal (the loop carries it)
         while hi - lo > 1:
             pivots = lo + ((hi - lo) * idx) // (NP + 1)  # [NP] in [lo, hi), the last one > lo
             count, mass = _above(x_ptr, V, temp, m, pivots, not MASS, MASS, BLOCK, NP)
