@@ -97,14 +97,15 @@ class Ingress:
         try:
             answers = await self.engine.broadcast("serving").results_async(timeout_s=HEALTH_TIMEOUT_S,
                                                                             return_exceptions=True)
-        except TimeoutError:
+        except Exception as e:  # timed out, or Serve marked the deployment unavailable (no replica)
+            log.info("health: no replica answered (%s)", type(e).__name__)
             answers = []
         ok = any(a is True for a in answers)
         self._health = (time.monotonic(), ok)
         return ok
 
     # ------------------------------------------------------------------ GenerationService
-    async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802 (RPC name)
+    async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # the RPC's name: Serve's gRPC proxy calls the method named like it
         try:
             self._authorize("/adapterserve.v1.GenerationService/Generate", grpc_context)
             request = _parse(pb.GenerateRequest, data)
@@ -121,7 +122,7 @@ class Ingress:
         except BackPressureError as e:
             raise self._fail(grpc_context, RpcStatus.of(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))) from None
 
-    async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:  # noqa: N802
+    async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
         sent = 0
         try:
             self._authorize("/adapterserve.v1.GenerationService/GenerateStream", grpc_context)
@@ -137,23 +138,43 @@ class Ingress:
         except BackPressureError as e:
             raise self._fail(grpc_context, RpcStatus.of(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))) from None
 
-    async def GetModelInfo(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802
+    async def GetModelInfo(self, data: bytes, grpc_context=None) -> RawMessage:
         return await self._unary("/adapterserve.v1.GenerationService/GetModelInfo", grpc_context,
                                  lambda: self.engine.model_info.remote())
 
     # ------------------------------------------------------------------ AdapterService
-    async def ListAdapters(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802
-        return await self._unary("/adapterserve.v1.AdapterService/ListAdapters", grpc_context,
-                                 lambda: self.engine.adapters.remote("ListAdapters", data))
+    async def ListAdapters(self, data: bytes, grpc_context=None) -> RawMessage:
+        """The adapters the replicas hold (each id once: the replicas' union)."""
+        async def union() -> bytes:
+            merged: dict[str, pb.Adapter] = {}
+            for answer in await self._every_replica("ListAdapters", data):
+                for a in pb.ListAdaptersResponse.FromString(answer).adapters:
+                    merged.setdefault(a.adapter_id, a)
+            return pb.ListAdaptersResponse(adapters=[merged[k] for k in sorted(merged)]).SerializeToString()
 
-    async def GetAdapter(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802
-        return await self._unary("/adapterserve.v1.AdapterService/GetAdapter", grpc_context,
-                                 lambda: self.engine.adapters.remote("GetAdapter", data))
+        return await self._unary("/adapterserve.v1.AdapterService/ListAdapters", grpc_context, union)
 
-    async def RegisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802
+    async def GetAdapter(self, data: bytes, grpc_context=None) -> RawMessage:
+        """The adapter as a replica holding it reports it; NOT_FOUND when none holds it."""
+        async def first() -> bytes:
+            answers = await self._every_replica("GetAdapter", data, keep_errors=True)
+            found = [a for a in answers if isinstance(a, bytes)]
+            if found:
+                return found[0]
+            raise next((a for a in answers if isinstance(a, RpcStatus)),
+                       RpcStatus.of(grpc.StatusCode.UNAVAILABLE, "no replica answered"))
+
+        return await self._unary("/adapterserve.v1.AdapterService/GetAdapter", grpc_context, first)
+
+    async def _every_replica(self, method: str, data: bytes, keep_errors: bool = False) -> list:
+        answers = await self.engine.broadcast("adapters", method, data).results_async(
+            timeout_s=HEALTH_TIMEOUT_S * 6, return_exceptions=True)
+        return [a for a in answers if isinstance(a, bytes) or (keep_errors and isinstance(a, RpcStatus))]
+
+    async def RegisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:
         return await self._unary("/adapterserve.v1.AdapterService/RegisterAdapter", grpc_context, _no_admin)
 
-    async def UnregisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:  # noqa: N802
+    async def UnregisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:
         return await self._unary("/adapterserve.v1.AdapterService/UnregisterAdapter", grpc_context, _no_admin)
 
     async def _unary(self, method: str, grpc_context, call) -> RawMessage:
@@ -167,13 +188,13 @@ class Ingress:
             raise self._fail(grpc_context, e) from None
 
     # ------------------------------------------------------------------ grpc.health.v1.Health
-    async def Check(self, data: bytes, grpc_context=None) -> health_pb2.HealthCheckResponse:  # noqa: N802
+    async def Check(self, data: bytes, grpc_context=None) -> health_pb2.HealthCheckResponse:
         try:
             return health_pb2.HealthCheckResponse(status=await self._health_status(data))
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None
 
-    async def Watch(self, data: bytes, grpc_context=None) -> AsyncIterator[health_pb2.HealthCheckResponse]:  # noqa: N802
+    async def Watch(self, data: bytes, grpc_context=None) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last = None
         try:
             while True:
@@ -185,7 +206,7 @@ class Ingress:
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None
 
-    async def List(self, data: bytes, grpc_context=None) -> health_pb2.HealthListResponse:  # noqa: N802
+    async def List(self, data: bytes, grpc_context=None) -> health_pb2.HealthListResponse:
         status = health_pb2.HealthCheckResponse(status=await self._health_status(b""))
         return health_pb2.HealthListResponse(statuses={name: status for name in SERVICE_NAMES})
 
@@ -290,7 +311,7 @@ def _parse(message_type, data: bytes):
     """Parse a request; INVALID_ARGUMENT for malformed bytes, as the single server answers."""
     try:
         return message_type.FromString(data)
-    except Exception as e:  # noqa: BLE001 (DecodeError, UnicodeDecodeError, ...: whatever the parser raises)
+    except Exception as e:  # (DecodeError, UnicodeDecodeError, ...: whatever the parser raises)
         bad = Malformed(message_type.DESCRIPTOR.full_name, type(e).__name__)
         raise RpcStatus.of(grpc.StatusCode.INVALID_ARGUMENT, bad.describe()) from None
 

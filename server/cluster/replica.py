@@ -30,7 +30,6 @@ from ray import serve
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.adapters.catalog import AdapterNotFoundError
 from server.adapters.formats import load_adapter_dir, resolve_adapter_path
-from server.api.errors import error_message, status_for
 from server.api.http.app import build_app
 from server.app import ServerApp
 from server.cluster.asgi import call_asgi
@@ -96,7 +95,7 @@ class EngineReplica:
             return
         try:
             await self._multiplexed(adapter_id)
-        except Exception as e:  # noqa: BLE001 (the handler reports it with the single server's status)
+        except Exception as e:  # (the handler reports it with the single server's status)
             log.debug("adapter %s not loaded on replica %s: %s", adapter_id, self.replica_id, e)
 
     def _load(self, adapter_id: str) -> HeldAdapter:
@@ -201,16 +200,6 @@ class EngineReplica:
     async def __del__(self) -> None:  # Serve calls it when it stops the replica
         try:
             await self.app.shutdown(grace=self.cfg.grace_seconds, drain=0.0)
-        except Exception as e:  # noqa: BLE001 (shutting down anyway)
+        except Exception as e:  # (shutting down anyway)
             log.warning("replica %s shutdown: %s", getattr(self, "replica_id", "?"), e)
 
-
-def status_of(e: BaseException) -> RpcStatus:
-    """The RpcStatus for an error raised by adapter code (INTERNAL only for a bug)."""
-    if isinstance(e, RpcStatus):
-        return e
-    code = status_for(e)
-    if code is None:
-        log.exception("replica operation failed", exc_info=e)
-        code = grpc.StatusCode.INTERNAL
-    return RpcStatus.of(code, error_message(e))

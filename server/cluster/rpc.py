@@ -60,7 +60,7 @@ class RawMessage:
     def __init__(self, data: bytes):
         self.data = data
 
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+    def SerializeToString(self) -> bytes:  # protobuf's method name
         return self.data
 
 

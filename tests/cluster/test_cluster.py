@@ -217,8 +217,25 @@ def test_replica_killed_under_load(cluster):
         time.sleep(1.0)
     for name in AFFINITY_ADAPTERS:  # both replicas serve again (each adapter lands on one of them)
         assert cluster.gen.Generate(make_request("hi", name, max_new_tokens=2), timeout=120).token_ids
-    health_ok = _get(cluster.http + "/health")
-    assert health_ok == (200, "SERVING")
+    assert _get(cluster.http + "/health") == (200, "SERVING")
+
+
+def test_health_is_not_serving_when_no_replica_can_serve(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(cluster.channel)
+    for victim in _engine_replica_actors():
+        ray.kill(victim, no_restart=True)
+    end = time.monotonic() + 30
+    while health.Check(health_pb2.HealthCheckRequest(), timeout=30).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < end, "health stayed SERVING with every replica dead"
+        time.sleep(0.2)
+    assert _get(cluster.http + "/health") == (503, "NOT_SERVING")
+    end = time.monotonic() + 300
+    while health.Check(health_pb2.HealthCheckRequest(), timeout=30).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < end, "Serve did not bring the replicas back"
+        time.sleep(1.0)
+    assert cluster.gen.Generate(_greedy("lora"), timeout=120).token_ids
 
 
 def test_client_works_unchanged(cluster):
