@@ -62,11 +62,12 @@ class ClusterConfig(ServerConfig):
 
     def replica_config(self) -> ServerConfig:
         """The ServerConfig each replica's in-process server runs with: the same engine settings, its
-        residency limit from --max-adapters-per-replica, its own listeners closed (the proxies face
-        the network; the replica's gRPC server listens on a free loopback port only)."""
+        residency limit from --max-adapters-per-replica, adapters loaded from the store on first use
+        (--lazy-adapters), its own listeners closed (the proxies face the network; the replica's
+        gRPC server listens on a free loopback port only)."""
         values = {f: getattr(self, f) for f in ServerConfig.__dataclass_fields__}
         values.update(host="127.0.0.1", port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
-                      max_resident_adapters=self.max_adapters_per_replica)
+                      max_resident_adapters=self.max_adapters_per_replica, lazy_adapters=True)
         return ServerConfig(**values)
 
 

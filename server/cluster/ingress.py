@@ -172,10 +172,12 @@ class Ingress:
         return [a for a in answers if isinstance(a, bytes) or (keep_errors and isinstance(a, RpcStatus))]
 
     async def RegisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:
-        return await self._unary("/adapterserve.v1.AdapterService/RegisterAdapter", grpc_context, _no_admin)
+        return await self._unary("/adapterserve.v1.AdapterService/RegisterAdapter", grpc_context,
+                                 lambda: self.engine.admin.remote("RegisterAdapter", data))
 
     async def UnregisterAdapter(self, data: bytes, grpc_context=None) -> RawMessage:
-        return await self._unary("/adapterserve.v1.AdapterService/UnregisterAdapter", grpc_context, _no_admin)
+        return await self._unary("/adapterserve.v1.AdapterService/UnregisterAdapter", grpc_context,
+                                 lambda: self.engine.admin.remote("UnregisterAdapter", data))
 
     async def _unary(self, method: str, grpc_context, call) -> RawMessage:
         try:
@@ -235,8 +237,6 @@ class Ingress:
         if length.isdigit() and int(length) > self.cfg.max_message_bytes:
             return _openai_error(413, f"request body: {int(length)} bytes exceed the limit of "
                                       f"{self.cfg.max_message_bytes} (--max-message-bytes)")
-        if _is_admin_write(request):
-            return _openai_error(501, ADMIN_LATER)
         body = await request.body()
         adapter_id = await self._http_adapter(request, body)
         handle = self.engine.options(multiplexed_model_id=adapter_id, stream=True)
@@ -287,20 +287,6 @@ async def _relay(stream) -> AsyncIterator[bytes]:
     except (*LOST, RpcStatus) as e:
         message = e.details if isinstance(e, RpcStatus) else _lost_message(e)
         yield b"data: " + json.dumps(OpenAIError(503, message).body()).encode() + b"\n\n"
-
-
-ADMIN_LATER = ("adapter admin through the cluster is not served yet: place adapters in the adapter store "
-               "(--adapter-root/<id>); replicas load them on first use")
-
-
-async def _no_admin() -> bytes:
-    raise RpcStatus.of(grpc.StatusCode.UNIMPLEMENTED, ADMIN_LATER)
-
-
-def _is_admin_write(request: Request) -> bool:
-    path = request.url.path
-    return (request.method == "POST" and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters")
-            ) or (request.method == "DELETE" and path.startswith("/v1/adapters/"))
 
 
 def _openai_error(status: int, message: str) -> JSONResponse:

@@ -20,6 +20,7 @@ constructor included); blocking work goes to worker threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -29,9 +30,9 @@ from ray import serve
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.adapters.catalog import AdapterNotFoundError
-from server.adapters.formats import load_adapter_dir, resolve_adapter_path
 from server.api.http.app import build_app
 from server.app import ServerApp
+from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
 from server.cluster.config import ClusterConfig
 from server.cluster.rpc import CallContext, RpcStatus
@@ -72,8 +73,12 @@ class EngineReplica:
         self.cfg = cfg
         self.app = ServerApp(cfg.replica_config())
         self._server_task = await self.app.start_in_loop()
-        self.http_app = build_app(self.app.http_context())
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.admin_service = ClusterAdapterService(
+            self.app.adapters, self.app.store, broadcast_evict(context.app_name, context.deployment),
+            model_args=self.app.model.args, adapter_root=cfg.adapter_root, limits=self.app.adapter_limits)
+        self.http_app = build_app(dataclasses.replace(self.app.http_context(), adapter_service=self.admin_service))
+        self.replica_id = context.replica_id.unique_id
         self._admin_lock = threading.Lock()  # this replica's loads and unloads, one at a time
         self._evictions: dict[str, int] = {}  # id -> evictions seen (a load racing an eviction reloads)
 
@@ -99,18 +104,12 @@ class EngineReplica:
             log.debug("adapter %s not loaded on replica %s: %s", adapter_id, self.replica_id, e)
 
     def _load(self, adapter_id: str) -> HeldAdapter:
-        """Register ``<adapter-root>/<id>`` (worker thread); reload when an eviction raced the load."""
-        catalog = self.app.adapters
+        """Register ``<adapter-root>/<id>`` from the adapter store (worker thread; the server's single-flight
+        --lazy-adapters load); load again when an eviction raced the load (what it read may be old)."""
         for _ in range(3):
             seen = self._evictions.get(adapter_id, 0)
             with self._admin_lock:
-                try:
-                    entry = catalog.get(adapter_id)
-                except AdapterNotFoundError:
-                    folder = resolve_adapter_path(self.cfg.adapter_root, adapter_id)
-                    spec = load_adapter_dir(folder, self.app.model.args, self.app.adapter_limits,
-                                            root=self.cfg.adapter_root)
-                    entry = catalog.register(adapter_id, spec)
+                entry = self.app.lazy.load(adapter_id)
             if self._evictions.get(adapter_id, 0) == seen:
                 return HeldAdapter(self, adapter_id, entry.key)
             self.unregister_if_current(adapter_id, entry.key)  # evicted while loading: what was read may be old
@@ -165,6 +164,13 @@ class EngineReplica:
 
     async def model_info(self) -> bytes:
         return self.app.model_info().SerializeToString()
+
+    async def admin(self, method: str, data: bytes) -> bytes:
+        """RegisterAdapter / UnregisterAdapter for the cluster: the store, then every replica (server.cluster.admin)."""
+        request_type = {"RegisterAdapter": pb.RegisterAdapterRequest,
+                        "UnregisterAdapter": pb.UnregisterAdapterRequest}[method]
+        response = await getattr(self.admin_service, method)(request_type.FromString(data), CallContext())
+        return response.SerializeToString()
 
     async def adapters(self, method: str, data: bytes) -> bytes:
         """An AdapterService read (ListAdapters, GetAdapter) on this replica's catalog."""

@@ -45,12 +45,14 @@ def _greedy(adapter_id: str = "", **kw) -> pb.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def single(tiny_llama, cluster_adapter_root):
-    """The single server on the same model and adapter folders (every kind registered by path)."""
+    """The single server on the same model and adapter store (every kind registered by path, others loaded
+    on first use as the replicas do)."""
     from tests.serving import start_server_fixture
 
     gen = start_server_fixture()
     start = next(gen)
-    running = start(tiny_llama, adapter_root=str(cluster_adapter_root), kv_cache_tokens=2048, max_batch_size=8)
+    running = start(tiny_llama, adapter_root=str(cluster_adapter_root), kv_cache_tokens=2048, max_batch_size=8,
+                    lazy_adapters=True)  # as every replica runs
     for kind in KINDS:
         running.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=kind, path=kind), timeout=60)
     yield running
@@ -97,7 +99,7 @@ def test_bad_input_gets_the_single_servers_statuses(cluster, single):
     bad = [_greedy("no-such-adapter"), _greedy("../etc"), make_request("x", temperature=-1.0),
            make_request("x", max_new_tokens=10**6), make_request(None)]
     want = _codes(single, bad)
-    assert [c for c, _ in want] == ["NOT_FOUND", "NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+    assert [c for c, _ in want] == ["NOT_FOUND", "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
                                     "INVALID_ARGUMENT"]
     assert _codes(cluster, bad) == want
     # Malformed protobuf bytes: INVALID_ARGUMENT naming the message, as the single server's interceptor says.
@@ -172,6 +174,14 @@ def _running_engine_replicas(app: str) -> int:
     return dep.replica_states.get("RUNNING", 0) if dep.status == "HEALTHY" else 0
 
 
+def _wait_for_replicas(cluster, n: int, timeout_s: float = 300) -> None:
+    end = time.monotonic() + timeout_s
+    while _running_engine_replicas(cluster.cfg.app_name) < n:
+        assert time.monotonic() < end, f"Serve did not bring {n} engine replicas back within {timeout_s:g} s"
+        time.sleep(1.0)
+    time.sleep(1.0)  # the routers hear of a new replica from the controller shortly after it runs
+
+
 def test_replica_killed_under_load(cluster):
     """Kill one engine replica mid-load: every unary call answers OK or UNAVAILABLE, every stream ends
     with OK or UNAVAILABLE (never a hang), and Serve brings the replica back, serving again."""
@@ -211,10 +221,7 @@ def test_replica_killed_under_load(cluster):
     assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
     assert len(outcomes) == 8
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
-    end = time.monotonic() + 300
-    while _running_engine_replicas(cluster.cfg.app_name) < 2:
-        assert time.monotonic() < end, "Serve did not bring the killed replica back"
-        time.sleep(1.0)
+    _wait_for_replicas(cluster, 2)
     for name in AFFINITY_ADAPTERS:  # both replicas serve again (each adapter lands on one of them)
         assert cluster.gen.Generate(make_request("hi", name, max_new_tokens=2), timeout=120).token_ids
     assert _get(cluster.http + "/health") == (200, "SERVING")
@@ -235,6 +242,7 @@ def test_health_is_not_serving_when_no_replica_can_serve(cluster):
     while health.Check(health_pb2.HealthCheckRequest(), timeout=30).status != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < end, "Serve did not bring the replicas back"
         time.sleep(1.0)
+    _wait_for_replicas(cluster, 2)
     assert cluster.gen.Generate(_greedy("lora"), timeout=120).token_ids
 
 
@@ -248,3 +256,57 @@ def test_client_works_unchanged(cluster):
         assert len(result.token_ids) == 3
         chunks = list(client.stream("hello", adapter="lora", max_new_tokens=3, temperature=0))
         assert [t for c in chunks for t in c.token_ids] == list(result.token_ids)
+def _on_every_replica(cluster, adapter_id: str) -> list:
+    """Generate for `adapter_id` on every engine replica (broadcast, bypassing the router): token ids
+    per replica, or the RpcStatus a replica answered."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Engine", app_name=cluster.cfg.app_name)
+    data = _greedy(adapter_id).SerializeToString()
+    answers = handle.options(multiplexed_model_id=adapter_id).broadcast("generate", data).results(
+        timeout_s=120, return_exceptions=True)
+    return [list(pb.GenerateResponse.FromString(a).token_ids) if isinstance(a, bytes) else a for a in answers]
+
+
+def test_register_replace_unregister_reach_every_replica(cluster, single):
+    _wait_for_replicas(cluster, 2)
+    lora = list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
+    dora = list(single.gen.Generate(_greedy("dora"), timeout=60).token_ids)
+    assert lora != dora
+    cluster.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="fresh", path="lora"), timeout=120)
+    assert _on_every_replica(cluster, "fresh") == [lora, lora]  # both replicas now hold it
+    listed = cluster.adapters.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters
+    assert [a.adapter_id for a in listed].count("fresh") == 1
+    assert cluster.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id="fresh"), timeout=60).type == pb.LORA
+    with pytest.raises(grpc.RpcError) as err:  # the store refuses a second registration, as the server does
+        cluster.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="fresh", path="dora"), timeout=120)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    cluster.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id="fresh", path="dora", replace=True),
+                                     timeout=120)
+    assert _on_every_replica(cluster, "fresh") == [dora, dora]  # no replica kept the old weights
+    assert list(cluster.gen.Generate(_greedy("fresh"), timeout=120).token_ids) == dora
+    cluster.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="fresh"), timeout=120)
+    gone = _on_every_replica(cluster, "fresh")
+    assert len(gone) == 2 and all(getattr(g, "code_name", None) == "NOT_FOUND" for g in gone), gone
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.gen.Generate(_greedy("fresh"), timeout=120)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.adapters.GetAdapter(pb.GetAdapterRequest(adapter_id="fresh"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.adapters.UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="fresh"), timeout=120)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_http_admin_writes_the_store(cluster, single):
+    prefix = single.generate("the cluster serves adapters", "prefix", max_new_tokens=6, temperature=0)
+    status, body = _post(cluster.http + "/v1/load_lora_adapter", {"lora_name": "viahttp", "lora_path": "prefix"})
+    assert status == 200, body
+    doc = {"model": "viahttp", "prompt": "the cluster serves adapters", "max_tokens": 6, "temperature": 0}
+    status, body = _post(cluster.http + "/v1/completions", doc)
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == prefix.text
+    status, body = _post(cluster.http + "/v1/unload_lora_adapter", {"lora_name": "viahttp"})
+    assert status == 200, body
+    status, body = _post(cluster.http + "/v1/completions", doc)
+    assert status == 404, body
