@@ -332,12 +332,16 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="rounds (medians reported)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="convert the model and the LoRA adapters (cached) and stop; needs only --llama-cpp TREE")
     args = ap.parse_args()
 
     load_start = os.getloadavg()[0]  # before anything of ours runs: the rest of the host
     binary = args.llama_server or (Path(p) if (p := shutil.which("llama-server")) else None)
-    tree = find_llamacpp_tree(binary, args.llama_cpp) if binary else None
-    if binary is None or not binary.exists() or tree is None:
+    tree = find_llamacpp_tree(binary, args.llama_cpp) if binary else args.llama_cpp
+    if tree is not None and not (tree / "convert_hf_to_gguf.py").is_file():
+        tree = None
+    if tree is None or (not args.prepare_only and (binary is None or not binary.exists())):
         print("no llama.cpp peer: pass --llama-server PATH (and --llama-cpp TREE if the converters are not in a "
               "folder above it); `bash bench/peers/build_llamacpp.sh DEST` builds both (bench/README.md)",
               file=sys.stderr)
@@ -359,16 +363,30 @@ def main() -> int:
     ctx_per_slot = max(map(len, prompts)) + args.max_new_tokens + 64
     outtype = GGUF_TYPE[args.precision]
     t0 = time.time()
-    gguf = convert_model(tree, folder, outtype, default_cache_dir() / "peers" / "llamacpp")
+    cache = default_cache_dir() / "peers" / "llamacpp"
+    gguf = convert_model(tree, folder, outtype, cache)
+    # The adapters are deterministic (seeded), so they and their GGUFs are made once per model/rank/count.
+    root = cache / f"{gguf.name.rsplit('-', 1)[0]}-lora-r{args.rank}-x{args.adapters}"
+    names = [f"lora-{i}" for i in range(args.adapters)] if rows[-1].adapters else []
+    if names and not (root / f"converted-{outtype}").is_file():
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            build_adapters(folder, root, args.adapters, 0, 0, args.rank, n_other=0)
+            (root / "built").write_text("")
+        for n in names:
+            convert_lora(tree, root / n, folder, outtype)
+        (root / f"converted-{outtype}").write_text("")
+    loras = [root / n / f"lora-{outtype}.gguf" for n in names]
     work = Path(tempfile.mkdtemp(prefix="adapterserve-peer-"))
-    names = build_adapters(folder, work, args.adapters, 0, 0, args.rank, n_other=0) if rows[-1].adapters else []
-    loras = [convert_lora(tree, work / n, folder, outtype) for n in names]
-    print(f"converted in {time.time() - t0:.0f} s: {gguf.name}, {len(loras)} LoRA; logs in {work}", flush=True)
+    print(f"converted in {time.time() - t0:.0f} s: {gguf.name}, {len(loras)} LoRA in {root}; logs in {work}",
+          flush=True)
+    if args.prepare_only:
+        return 0
 
     tok_s: dict[str, dict[str, list[float]]] = {}
     agreement: dict[str, int] = {}
     ours = Ours("--model", args.model, "--dtype", OUR_DTYPE[args.precision], "--max-batch-size", str(slots),
-                "--adapter-root", str(work), "--max-resident-adapters", str(args.adapters + 4),
+                "--adapter-root", str(root), "--max-resident-adapters", str(args.adapters + 4),
                 "--watchdog-seconds", "0", "--log-level", "WARNING", threads=args.threads)
     try:
         for n in names:

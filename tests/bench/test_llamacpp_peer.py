@@ -120,6 +120,8 @@ def test_main_without_a_peer_explains_and_exits_2(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr("sys.argv", ["llamacpp"])
     assert main() == 2
     assert "build_llamacpp.sh" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["llamacpp", "--prepare-only", "--llama-cpp", str(tmp_path)])
+    assert main() == 2  # a folder without llama.cpp's converters is no tree
 
 
 def test_completion_stream_posts_the_body_and_counts_tokens():
