@@ -16,10 +16,12 @@ weights as loaded, never from merged ones), so a step only gathers them per row.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import torch
 
+from server.adapters.errors import AdapterFormatError
 from server.model.config import ModelArgs
 
 # (layer, group, role): see the module docstring.
@@ -83,3 +85,24 @@ def fused_vector(args: ModelArgs, group: str, parts: dict[str, torch.Tensor], fi
         out_f = args.linear_shape(name)[0]
         pieces.append(parts[name].reshape(out_f).float() if name in parts else torch.full((out_f,), fill))
     return torch.cat(pieces)
+
+
+def module_tensors(tensors: dict[str, torch.Tensor], key: re.Pattern[str], kind: str,
+                   param: str) -> list[tuple[re.Match[str], torch.Tensor]]:
+    """Every tensor of a PEFT `kind` file with the match of its name against `key` (a full match); an
+    unexpected name or a file without tensors (`param`: the kind's tensor name, e.g. ``ia3_l``) is refused."""
+    if not tensors:
+        raise AdapterFormatError(f"{kind} adapter matches no modules (no {param} tensors)")
+    found = []
+    for name, t in tensors.items():
+        m = key.fullmatch(name)
+        if not m:
+            raise AdapterFormatError(f"unexpected tensor {name[:160]} in an {kind} adapter")
+        found.append((m, t))
+    return found
+
+
+def check_layer(layer: int, model: ModelArgs, kind: str) -> None:
+    """Refuse a decoder layer index the base model does not have."""
+    if layer >= model.num_layers:
+        raise AdapterFormatError(f"{kind} targets layer {layer} but the base model has {model.num_layers} layers")

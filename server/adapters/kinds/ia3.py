@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.errors import AdapterFormatError
-from server.adapters.kinds.base import BaseWeights, VectorKey, fused_vector
+from server.adapters.kinds.base import BaseWeights, VectorKey, check_layer, fused_vector, module_tensors
 from server.adapters.patterns import TargetModules
 from server.model.config import LINEAR_MODULES, ModelArgs
 
@@ -74,19 +74,14 @@ def parse(tensors: dict[str, torch.Tensor], config: dict, model: ModelArgs) -> I
     feedforward = set()
     # PEFT's rule (a regex full match, or names the path ends with), bounded in time: client input.
     ff_modules = TargetModules("feedforward_modules", config.get("feedforward_modules"))
-    for key, t in tensors.items():
-        short = key[:160]
-        m = _KEY.fullmatch(key)
-        if not m:
-            raise AdapterFormatError(f"unexpected tensor {short} in an IA3 adapter")
+    for m, t in module_tensors(tensors, _KEY, "IA3", "ia3_l"):
         module = m["module"]
         lm = _LAYER_MODULE.fullmatch(module)
         if not lm or lm["name"] not in LINEAR_MODULES or model.module_path(int(lm["layer"]), lm["name"]) != module:
             raise AdapterFormatError(
                 f"unsupported IA3 target {module[:120]}; only {', '.join(LINEAR_MODULES)} in decoder layers")
         layer, name = int(lm["layer"]), lm["name"]
-        if layer >= model.num_layers:
-            raise AdapterFormatError(f"IA3 targets layer {layer} but the base model has {model.num_layers} layers")
+        check_layer(layer, model, "IA3")
         out_f, in_f = model.linear_shape(name)
         ff = ff_modules.matches(module)
         want = (1, in_f) if ff else (out_f, 1)
@@ -101,6 +96,4 @@ def parse(tensors: dict[str, torch.Tensor], config: dict, model: ModelArgs) -> I
         if ff:
             feedforward.add((layer, name))
         vectors[(layer, name)] = t.reshape(-1)
-    if not vectors:
-        raise AdapterFormatError("IA3 adapter matches no modules (no ia3_l tensors)")
     return Ia3Weights(dict(sorted(vectors.items())), frozenset(feedforward))

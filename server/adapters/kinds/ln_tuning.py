@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.errors import AdapterFormatError
-from server.adapters.kinds.base import BaseWeights, VectorKey
+from server.adapters.kinds.base import BaseWeights, VectorKey, check_layer, module_tensors
 from server.model.config import ModelArgs
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.ln_tuning_layers(?:\.[A-Za-z0-9_-]+)?\.(?P<param>\w+)")
@@ -49,30 +49,23 @@ def check_config(config: dict) -> None:
 def parse(tensors: dict[str, torch.Tensor], config: dict, model: ModelArgs) -> LnTuningWeights:
     """Validate the trained norm weights against the base model's RMSNorms."""
     norms: dict[tuple[int, str], torch.Tensor] = {}
-    for key, t in tensors.items():
-        short = key[:160]
-        m = _KEY.fullmatch(key)
-        if not m:
-            raise AdapterFormatError(f"unexpected tensor {short} in an LN_TUNING adapter")
+    for m, t in module_tensors(tensors, _KEY, "LN_TUNING", "ln_tuning_layers"):
         module = m["module"]
         lm = _LAYER_NORM.fullmatch(module)
         if module == "model.norm":
             where = (model.num_layers, "norm")
         elif lm:
             where = (int(lm["layer"]), GROUP_OF_NORM[lm["name"]])
-            if where[0] >= model.num_layers:
-                raise AdapterFormatError(
-                    f"LN_TUNING targets layer {where[0]} but the base model has {model.num_layers} layers")
+            check_layer(where[0], model, "LN_TUNING")
         else:
             target = module.rsplit(".", 1)[-1][:60]
             raise AdapterFormatError(f"unsupported LN_TUNING target {target} ({module[:120]}); only the RMSNorms "
                                      f"{', '.join(NORMS)}")
         if m["param"] != "weight":
-            raise AdapterFormatError(f"unexpected tensor {short} in an LN_TUNING adapter (RMSNorm has only a weight)")
+            raise AdapterFormatError(f"unexpected tensor {m.string[:160]} in an LN_TUNING adapter (RMSNorm has only "
+                                     "a weight)")
         if tuple(t.shape) != (model.hidden_size,):
             raise AdapterFormatError(f"shape mismatch at {module}: weight {tuple(t.shape)} but the base norm is "
                                      f"({model.hidden_size},)")
         norms[where] = t
-    if not norms:
-        raise AdapterFormatError("LN_TUNING adapter matches no modules (no ln_tuning_layers tensors)")
     return LnTuningWeights(dict(sorted(norms.items())))
