@@ -49,7 +49,5 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_onednn:
             return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")  # [N, out], dense
-        return y.view(*lead, self.weight.shape[0])
+        # [..., in] -> [..., out], dense: the op flattens the leading dimensions itself.
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")

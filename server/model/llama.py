@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.model.attention import StepPositions, paged_attention, rotary_tables, rotate
 from server.model.config import ModelArgs
 from server.model.kernel_dispatch import kernel_forward, kernels_wanted
 from server.model.linear import Projection, onednn_usable
@@ -73,7 +74,9 @@ class PagedKVCache:
         # does not own (padding, entries not yet written) is pointed here, so whatever an earlier request
         # left in a page (even NaN or inf) can never reach another request's attention.
         self.null_slot = num_pages * page_size
-        shape = (num_pages * page_size + 1, args.num_kv_heads, args.head_dim)
+        # And one more: a prefill chunk's padding positions are written there, never read.
+        self.scratch_slot = num_pages * page_size + 1
+        shape = (num_pages * page_size + 2, args.num_kv_heads, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
 
@@ -103,15 +106,11 @@ class PagedKVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 like transformers, returned in x's dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    """RMSNorm computed in float32 like transformers, returned in x's dtype, times `weight` in x's dtype.
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    torch's rms_norm without a weight is transformers' x * rsqrt(mean(x^2) + eps) in float32, op for op
+    (bit-identical: tests/model/test_layers.py), in one call instead of six."""
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 class LlamaRuntime:
@@ -129,12 +128,10 @@ class LlamaRuntime:
         self.device = device
         self.dtype = dtype
         d = args.head_dim
-        inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        pos = torch.arange(args.max_position_embeddings + 1024, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)  # [P, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        # sin_rot: rotate-half's signs folded in (the torch path); sin: plain (the fused kernels).
+        self.cos, self.sin_rot = rotary_tables(d, args.rope_theta, args.max_position_embeddings + 1024, device, dtype)
+        half = d // 2
+        self.sin = torch.cat((-self.sin_rot[:, :half], self.sin_rot[:, half:]), dim=-1)  # [P, D]
         q, kv = args.num_heads * d, args.num_kv_heads * d
         self.qkv_slices = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
         inter = args.intermediate_size
@@ -277,29 +274,13 @@ class StepOps(Protocol):
 
 
 class TorchOps:
-    """The CPU path: K/V gathered into a contiguous copy per layer, then SDPA; torch RMSNorm."""
+    """The CPU path (server.model.attention): K/V gathered into a contiguous copy per layer, then SDPA;
+    torch RMSNorm. What the layers share is built once per step (StepPositions)."""
 
     def __init__(self, rt: LlamaRuntime, step: StepInput, cache: PagedKVCache):
         self.rt, self.cache = rt, cache
         self.eps = rt.args.rms_norm_eps
-        bsz, seq = step.input_ids.shape[:2] if step.input_embeds is None else step.input_embeds.shape[:2]
-        dev = step.start.device
-        offs = torch.arange(seq, device=dev)
-        q_index = step.start[:, None] + offs[None, :]  # [B, S] cache index = rotary position of each new token
-        self.valid = offs[None, :] < step.lengths[:, None]  # [B, S]
-        self.cos, self.sin = rt.cos[q_index][:, None], rt.sin[q_index][:, None]  # [B, 1, S, D]
-        self.write_slots = cache.slots(step.block_tables, torch.where(self.valid, q_index, 0))[self.valid]  # [N_valid]
-        kv_len = step.start + step.lengths  # [B]
-        t_max = int(kv_len.max())
-        k_index = torch.arange(t_max, device=dev)  # [T]
-        k_pos = k_index.expand(bsz, t_max)  # [B, T]
-        owned = k_pos < kv_len[:, None]  # [B, T]: entries this row has written (prefix, prompt, output)
-        # Selected, not multiplied by zero: positions a row does not own read the zero null slot, so the
-        # masked scores are exactly -inf and their values exactly 0 (0 * NaN would be NaN).
-        self.read_flat = torch.where(owned, cache.slots(step.block_tables, k_pos), cache.null_slot).reshape(-1)  # [B*T]
-        mask = (k_index[None, None, :] <= q_index[:, :, None]) & (k_index[None, None, :] < kv_len[:, None, None])
-        self.mask = mask[:, None]  # [B, 1, S, T]
-        self.shape = (bsz, seq, t_max)
+        self.pos = StepPositions.build(step, cache, rt.cos, rt.sin_rot)
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,17 +288,9 @@ class TorchOps:
         return x, rms_norm(x, weight, self.eps)
 
     def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        a, rt, cache = self.rt.args, self.rt, self.cache
-        bsz, seq, t_max = self.shape
-        q = qkv[..., rt.qkv_slices["q_proj"]].reshape(bsz, seq, a.num_heads, a.head_dim).transpose(1, 2)
-        k = qkv[..., rt.qkv_slices["k_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = qkv[..., rt.qkv_slices["v_proj"]].reshape(bsz, seq, a.num_kv_heads, a.head_dim)  # [B, S, Hkv, D]
-        q = q * self.cos + rotate_half(q) * self.sin  # [B, H, S, D]
-        k = (k * self.cos + rotate_half(k) * self.sin).transpose(1, 2)  # [B, S, Hkv, D]
-        cache.k[layer][self.write_slots] = k[self.valid]
-        cache.v[layer][self.write_slots] = v[self.valid]
-        kv_shape = (bsz, t_max, a.num_kv_heads, a.head_dim)
-        keys = cache.k[layer].index_select(0, self.read_flat).view(kv_shape).transpose(1, 2)  # [B, Hkv, T, D]
-        values = cache.v[layer].index_select(0, self.read_flat).view(kv_shape).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)  # [B, H, S, D]
-        return attn.transpose(1, 2).reshape(bsz, seq, a.num_heads * a.head_dim)
+        a = self.rt.args
+        nq, nkv = a.num_heads, a.num_kv_heads
+        heads = qkv.view(*qkv.shape[:2], nq + 2 * nkv, a.head_dim)  # [B, S, H + 2Hkv, D]
+        qk = rotate(heads[:, :, :nq + nkv], self.pos.cos, self.pos.sin)  # [B, S, H + Hkv, D]: q and k at once
+        return paged_attention(layer, qk[:, :, :nq], qk[:, :, nq:], heads[:, :, nq + nkv:], self.cache,
+                               self.pos)  # [B, S, H*D]
