@@ -147,7 +147,8 @@ def long_prompt(args) -> None:
     long_ids = tok.encode(words)[:args.long_tokens]
     rows = []
     for label, chunk in (("one piece", args.long_tokens + 64), ("chunked", args.chunk)):
-        srv = serve(args, "--max-prefill-tokens", str(chunk), "--prefix-cache", "off")
+        # the one-piece baseline runs one long step on purpose: no watchdog on either run
+        srv = serve(args, "--max-prefill-tokens", str(chunk), "--prefix-cache", "off", "--watchdog-seconds", "0")
         try:
             gaps, long_ttft = asyncio.run(_long_prompt_once(srv.target, long_ids, args))
         finally:
@@ -174,6 +175,9 @@ async def _long_prompt_once(target: str, long_ids: list[int], args) -> tuple[lis
                                       params=pb.SamplingParams(max_new_tokens=4, ignore_eos=True))
         long = await stream(stub, long_req, Stream())
         await asyncio.gather(*tasks)
+    failed = [s.error for s in [long, *streams] if s.error]
+    if failed or not long.times:
+        raise SystemExit(f"long-prompt run failed: {failed[0] if failed else 'the long request got no token'}")
     start, end = long.t0, long.times[0] if long.times else time.perf_counter()
     gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:], strict=False) if b > start and a < end]
     return gaps, long.ttft
