@@ -39,6 +39,10 @@ USER_TURNS = ["Can I return a rake I bought last week?", "How much is express sh
 SHORT_QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 12 times 12?",
                    "Who wrote Hamlet?", "What is the boiling point of water in Celsius?", "Name a planet.",
                    "What does a bee make?", "How many legs does a spider have?"]
+# memory bench: questions whose greedy answers on the default model stop at EOS after 8-103 tokens (p50 ~70)
+EXPLAIN_QUESTIONS = ["Why is the sky blue?", "How do bees make honey?", "Why do leaves change colour in autumn?",
+                     "How does a bicycle stay upright?", "Why does ice float on water?", "How do plants make food?",
+                     "What causes the seasons on Earth?", "How does a refrigerator keep food cold?"]
 
 
 @dataclass
@@ -185,7 +189,7 @@ async def _long_prompt_once(target: str, long_ids: list[int], args) -> tuple[lis
 
 # ------------------------------------------------------------------ memory pressure
 def memory(args) -> None:
-    reqs = [chat("Answer in one or two sentences.", SHORT_QUESTIONS[i % 8] + f" (question {i})", "",
+    reqs = [chat("Answer in two or three sentences.", EXPLAIN_QUESTIONS[i % 8] + f" (question {i})", "",
                  args.max_new_tokens, ignore_eos=False) for i in range(args.requests)]
     rows, outputs = [], {}
     for mode in ("reserve", "on-demand"):
