@@ -8,6 +8,13 @@ server with 8 LoRA adapters / the same server base-only; / PEFT mixed-batch gene
 / PEFT set_adapter + generate per request; a merged adapter / base; register latency; 1 -> 8 -> 64 adapters;
 8 DoRA, 8 IA3, 8 LN-tuning adapters, 8 weighted mixes of 2 LoRAs, and one load with a request of every kind.
 8 bottleneck adapters (AdapterHub SeqBn / Pfeiffer, reduction factor 16) next to 8 LoRA in the same rounds.
+
+    python -m bench.adapters --clock cpu    # for a shared, busy host
+
+``--clock cpu`` runs the server on one thread (``--threads 1 --lora-threads 1``) and reports tokens per
+CPU second of the server process (/proc utime + stime) instead of per wall second, and the PEFT
+baselines on one thread per CPU second of this process: other tenants' load then stretches wall time
+but hardly the CPU time a token costs, so the ratios between loads stay meaningful on a busy host.
 """
 
 from __future__ import annotations
@@ -127,38 +134,43 @@ def unregister(target: str, adapter_id: str) -> None:
         pb_grpc.AdapterServiceStub(ch).UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id=adapter_id))
 
 
-def load(target, prompts, adapters, max_new, repeats):
-    runs = [asyncio.run(run_load(target, prompts, adapters, max_new, len(prompts))) for _ in range(repeats)]
-    assert all(r.errors == 0 for r in runs), [r.errors for r in runs]
-    return statistics.median(r.tokens_per_s for r in runs)
+def load(server: ServerProcess, prompts, adapters, max_new, clock: str = "wall") -> float:
+    """One load's throughput: tokens per wall second, or (clock "cpu") per CPU second of the server."""
+    cpu0 = server.cpu_seconds()
+    run = asyncio.run(run_load(server.target, prompts, adapters, max_new, len(prompts)))
+    assert run.errors == 0, run.errors
+    return run.tokens / (server.cpu_seconds() - cpu0) if clock == "cpu" else run.tokens_per_s
 
 
-def interleaved(target, prompts, loads: dict[str, list[str]], max_new, repeats) -> dict[str, float]:
-    """Median tok/s of each load, run in rounds (A, B, C, A, B, C, ...) so the host's drift hits all alike."""
+def interleaved(server: ServerProcess, prompts, loads: dict[str, list[str]], max_new, repeats,
+                clock: str = "wall") -> dict[str, float]:
+    """Median throughput of each load, run in rounds (A, B, C, A, B, C, ...) so the host's drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in loads}
     for _ in range(repeats):
         for name, adapters in loads.items():
-            samples[name].append(load(target, prompts, adapters, max_new, 1))
+            samples[name].append(load(server, prompts, adapters, max_new, clock))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def merged_rounds(target, prompts, adapter: str, max_new, repeats) -> dict[str, float]:
+def merged_rounds(server: ServerProcess, prompts, adapter: str, max_new, repeats,
+                  clock: str = "wall") -> dict[str, float]:
     """Per round: base with nothing merged, then merge `adapter` and run its requests and base requests, unmerge."""
     samples: dict[str, list[float]] = {"base only, nothing merged (merge rounds)": [], "merged adapter only": [],
                                        "base only (merge active)": []}
-    unregister(target, adapter)
+    unregister(server.target, adapter)
     for _ in range(repeats):
-        samples["base only, nothing merged (merge rounds)"].append(load(target, prompts, [""], max_new, 1))
-        register(target, adapter, adapter, merge=True)
-        samples["merged adapter only"].append(load(target, prompts, [adapter], max_new, 1))
-        samples["base only (merge active)"].append(load(target, prompts, [""], max_new, 1))
-        unregister(target, adapter)
+        samples["base only, nothing merged (merge rounds)"].append(load(server, prompts, [""], max_new, clock))
+        register(server.target, adapter, adapter, merge=True)
+        samples["merged adapter only"].append(load(server, prompts, [adapter], max_new, clock))
+        samples["base only (merge active)"].append(load(server, prompts, [""], max_new, clock))
+        unregister(server.target, adapter)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def peft_baselines(folder: Path, root: Path, names: list[str], prompts: list[str], max_new: int,
-                   sequential_requests: int) -> tuple[float, float]:
-    """(mixed-batch generate(adapter_names=) tok/s, set_adapter + generate per request tok/s)."""
+                   sequential_requests: int, clock: str = "wall") -> tuple[float, float]:
+    """(mixed-batch generate(adapter_names=) tok/s, set_adapter + generate per request tok/s); per CPU
+    second of this process with clock "cpu"."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,19 +182,20 @@ def peft_baselines(folder: Path, root: Path, names: list[str], prompts: list[str
         model.load_adapter(root / n, adapter_name=n)
     model.eval()
     row_adapters = [names[i % len(names)] for i in range(len(prompts))]
+    now = time.process_time if clock == "cpu" else time.perf_counter
     with torch.inference_mode():
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        t0 = time.perf_counter()
+        t0 = now()
         out = model.generate(**batch, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                              adapter_names=row_adapters)
-        mixed = (out.shape[1] - batch.input_ids.shape[1]) * len(prompts) / (time.perf_counter() - t0)
-        t0, tokens = time.perf_counter(), 0
+        mixed = (out.shape[1] - batch.input_ids.shape[1]) * len(prompts) / (now() - t0)
+        t0, tokens = now(), 0
         for i in range(sequential_requests):
             model.set_adapter(row_adapters[i])
             ids = tok(prompts[i], return_tensors="pt", add_special_tokens=False)
             o = model.generate(**ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
             tokens += o.shape[1] - ids.input_ids.shape[1]
-        per_request = tokens / (time.perf_counter() - t0)
+        per_request = tokens / (now() - t0)
     return mixed, per_request
 
 
@@ -195,13 +208,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the loads (medians reported)")
     ap.add_argument("--scaling", default="1,8,64", help="adapter counts for the scaling rows")
     ap.add_argument("--sequential-requests", type=int, default=4, help="requests timed for the per-request baseline")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: one thread, tokens per CPU second of the server (for a busy host; see above)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
 
     from server.model.loader import resolve_model_folder
 
-    threads = os.cpu_count() or 1
+    threads = 1 if args.clock == "cpu" else os.cpu_count() or 1
     torch.set_num_threads(threads)
     _, folder = resolve_model_folder(args.model)
     prompts = chat_prompts(AutoTokenizer.from_pretrained(folder), args.requests)
@@ -217,7 +232,7 @@ def main() -> None:
 
     server = ServerProcess("--model", args.model, "--adapter-root", str(root), "--max-batch-size",
                            str(args.requests), "--max-resident-adapters", str(n_lora + 48),
-                           "--log-level", "WARNING", threads=threads)
+                           "--lora-threads", "1", "--log-level", "WARNING", threads=threads)
     results: dict[str, float] = {}
     try:
         reg_ms = []
@@ -235,22 +250,24 @@ def main() -> None:
                  "8 DoRA": by_kind["dora"], "8 IA3": by_kind["ia3"], "8 LN tuning": by_kind["ln"],
                  "8 mixes of 2 LoRA": mixes, "8 bottleneck (Pfeiffer, rf 16)": bottlenecks, "every kind (base, LoRA, prompt, prefix, DoRA, IA3, LN, mix)": every}
         loads.update({f"{n} LoRA adapters": loras[:n] for n in scaling if n != 8})
-        results.update(interleaved(server.target, prompts, loads, args.max_new_tokens, args.repeats))
-        results.update(merged_rounds(server.target, prompts, loras[0], args.max_new_tokens, args.repeats))
+        results.update(interleaved(server, prompts, loads, args.max_new_tokens, args.repeats, args.clock))
+        results.update(merged_rounds(server, prompts, loras[0], args.max_new_tokens, args.repeats, args.clock))
     finally:
         server.stop()
     mixed, per_request = peft_baselines(folder, root, loras[:8], prompts, args.max_new_tokens,
-                                        args.sequential_requests)
+                                        args.sequential_requests, args.clock)
     base = results["base only"]
     merged_base = results["base only, nothing merged (merge rounds)"]
-    rows = [{"load": k, "tok/s": round(v, 1), "vs server base-only": f"{v / base:.2f}x"}
+    unit = "tok/s" if args.clock == "wall" else "tok per CPU s"
+    rows = [{"load": k, unit: round(v, 1), "vs server base-only": f"{v / base:.2f}x"}
             for k, v in results.items() if not k.startswith("register")]
-    rows.append({"load": "PEFT generate(adapter_names=...), 8 LoRA", "tok/s": round(mixed, 1),
+    rows.append({"load": "PEFT generate(adapter_names=...), 8 LoRA", unit: round(mixed, 1),
                  "vs server base-only": f"{mixed / base:.2f}x"})
-    rows.append({"load": "PEFT set_adapter + generate per request", "tok/s": round(per_request, 1),
+    rows.append({"load": "PEFT set_adapter + generate per request", unit: round(per_request, 1),
                  "vs server base-only": f"{per_request / base:.2f}x"})
     print(f"\n{args.requests} concurrent greedy requests x {args.max_new_tokens} new tokens, model={args.model}, "
-          f"LoRA rank {args.rank} on {', '.join(LINEAR)}, torch threads={threads}, medians of {args.repeats}\n")
+          f"LoRA rank {args.rank} on {', '.join(LINEAR)}, torch threads={threads}, clock={args.clock}, "
+          f"medians of {args.repeats}\n")
     print(markdown_table(rows))
     lora8 = results["8 LoRA"]
     bn8 = results["8 bottleneck (Pfeiffer, rf 16)"]

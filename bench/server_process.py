@@ -49,6 +49,12 @@ class ServerProcess:
                     time.sleep(0.3)
         raise TimeoutError("server did not become ready")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system, all its threads), from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after "pid (comm)": state is fields[0]
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def stop(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
