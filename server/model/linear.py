@@ -6,6 +6,11 @@ alike (measured on the 2-core AMD EPYC this project is developed on, see bench/R
 order, so fp32 logits differ from transformers' (BLAS) by ~1e-4 instead of 0; ``--matmul blas``
 selects plain ``F.linear``, which CUDA and torch builds without oneDNN always use. The dense
 weight stays the source of truth: merge-on-load edits it, then calls :meth:`Projection.refresh`.
+
+One row (a single stream's decode step) is the exception: there the product is a matrix-vector
+product bound by reading the weight, and MKL's sgemv (``F.linear``) reads it faster than oneDNN's
+packed matmul (1.16-1.2x over the model's projections, 1 thread, see bench/README.md); from two
+rows on oneDNN wins (1.3x at 2 rows, 1.5x at 4).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from server.model.cpu_features import detect
+
+# float32 inputs of at most this many rows run MKL's sgemv / sgemm even in oneDNN mode (see above).
+GEMV_MAX_ROWS = 1
 
 
 def onednn_usable(device: str, dtype: torch.dtype) -> bool:
@@ -38,6 +46,7 @@ class Projection:
         self.bias = bias  # [out] or None
         usable = onednn_usable(str(weight.device.type), weight.dtype)
         self.use_onednn = usable if use_onednn is None else (use_onednn and usable)
+        self._gemv_in = weight.shape[1] if weight.dtype == torch.float32 else 0  # [in] when sgemv may take x
         self.refresh()
 
     def refresh(self) -> None:
@@ -47,7 +56,7 @@ class Projection:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_onednn:
+        if not self.use_onednn or x.numel() <= self._gemv_in * GEMV_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         # [..., in] -> [..., out], dense: the op flattens the leading dimensions itself.
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
