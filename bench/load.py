@@ -48,12 +48,19 @@ TokenStream = Callable[[int], AsyncIterator[int]]
 """Opens request i's stream and yields the number of new tokens in each chunk as it arrives."""
 
 
+class RequestTimeout(TimeoutError):
+    """A request of a load had no complete answer within its time limit (the load was ended)."""
+
+
 async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: int,
-                      errors: tuple[type[BaseException], ...]) -> LoadResult:
+                      errors: tuple[type[BaseException], ...], timeout: float | None = None) -> LoadResult:
     """Run requests 0..n-1 through `open_stream` with `concurrency` in flight; any server (gRPC, HTTP).
 
     A request whose stream raises one of `errors` counts as an error and its tokens are dropped.
     TTFT is measured to the first chunk carrying a token, TPOT over the tokens after it.
+    `timeout`: the most seconds one request may take from its start (not its wait for a turn); past
+    it the whole load ends with RequestTimeout, the other requests cancelled: a stuck server is an
+    error, never a hang.
     """
     out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
     sem = asyncio.Semaphore(concurrency)
@@ -62,11 +69,18 @@ async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: in
         async with sem:
             t0 = time.perf_counter()
             first, n = None, 0
+            deadline = asyncio.timeout(timeout)
             try:
-                async for k in open_stream(i):
-                    if k and first is None:
-                        first = time.perf_counter()
-                    n += k
+                async with deadline:
+                    async for k in open_stream(i):
+                        if k and first is None:
+                            first = time.perf_counter()
+                        n += k
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise RequestTimeout(f"request {i} of {n_requests} ({concurrency} in flight) not complete within "
+                                     f"{timeout:g} s ({n} tokens so far)") from None
             except errors:
                 out["errors"] += 1
                 return
@@ -78,7 +92,14 @@ async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: in
                     out["tpot"].append((end - first) / (n - 1))
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n_requests)))
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n_requests)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     wall = time.perf_counter() - t0
     return LoadResult(n_requests, out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
 
@@ -101,17 +122,18 @@ def grpc_request(prompt: str | list[int], adapter: str, max_new: int) -> pb.Gene
 
 
 async def run_load(target: str, prompts: list[str] | list[list[int]], adapters: list[str], max_new: int,
-                   concurrency: int) -> LoadResult:
-    """Send len(prompts) requests (request i uses adapters[i % len]) with `concurrency` in flight."""
+                   concurrency: int, timeout: float | None = None) -> LoadResult:
+    """Send len(prompts) requests (request i uses adapters[i % len]) with `concurrency` in flight.
+    `timeout`: see run_streams (None: a request past the 600 s gRPC deadline counts as an error)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
 
         async def stream(i: int) -> AsyncIterator[int]:
             req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
-            async for chunk in stub.GenerateStream(req, timeout=600):
+            async for chunk in stub.GenerateStream(req, timeout=600 if timeout is None else timeout + 30):
                 yield len(chunk.token_ids)
 
-        return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,))
+        return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)
 
 
 def median(xs: list[float]) -> float:

@@ -14,7 +14,10 @@ prompts (~37 tokens; llama.cpp gets the same token ids); then 32 streams over 8 
 on every linear layer (PEFT format; for llama.cpp converted by convert_lora_to_gguf.py, loaded with
 ``--lora`` each, every request naming its own with ``"lora": [{"id": i, "scale": 1}]``).
 llama.cpp runs as a user would start it: default F16 KV cache, flash attention auto, continuous
-batching, one unified KV buffer with a slot per stream.
+batching, one unified KV buffer with a slot per stream. Every load must return exactly its tokens on
+both servers, and no request may take over ``--request-timeout`` seconds: a stuck or crawling server
+stops the run with StuckServer naming it and the phase (on a busy host llama.cpp's spinning threads
+crawl: SPIN_HINT), never a hang.
 
 Builds nothing: without a llama-server binary (``--llama-server``, or ``llama-server`` on PATH) and
 the llama.cpp tree holding its converters (found above the binary, or ``--llama-cpp``), it says how
@@ -35,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +52,18 @@ GGUF_TYPE = {"fp32": "f32", "bf16": "f16"}  # --precision -> llama.cpp outtype
 OUR_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
+# Why a stuck llama-server is most likely a busy host (measured: bench/README.md, llama.cpp peer).
+SPIN_HINT = ("llama.cpp's threads spin-wait for each other at every op of the graph, so when other processes "
+             "hold the cores, -t 2 runs ~100x slower (0.17 tok/s against 2.5 with -t 1 at nice 15 under load 10): "
+             "run on a quiet host, or raise --request-timeout")
+
+
 class PeerError(RuntimeError):
     """llama-server answered a stream with an error event."""
+
+
+class StuckServer(TimeoutError):
+    """A server gave no complete answer within --request-timeout; names the server and the phase."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,26 @@ def result_rows(tok_s: dict[str, dict[str, list[float]]], workloads_: list[Workl
     return rows
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid` so far, from /proc ({} without it)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # fields[11:13]: utime, stime
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def busy_threads(before: dict[int, float], after: dict[int, float], wall_s: float, floor: float = 0.05) -> list[int]:
+    """The CPU share (%) of each thread busy more than `floor` of `wall_s` between two thread_cpu
+    snapshots, largest first: how many threads a server really computed with during a round."""
+    shares = ((cpu - before.get(tid, 0.0)) / wall_s for tid, cpu in after.items())
+    return sorted((round(100 * x) for x in shares if x > floor), reverse=True)
+
+
 async def completion_stream(client, body: dict) -> AsyncIterator[int]:
     """POST `body` to /completion on `client` (an httpx2.AsyncClient) and yield the new tokens of each event."""
     async with client.stream("POST", "/completion", json=body) as resp:
@@ -196,10 +230,13 @@ def convert_lora(tree: Path, adapter: Path, base: Path, outtype: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- the two contenders
-class Paused:
-    """SIGSTOP / SIGCONT a server process so only the measured one runs."""
+class Contender:
+    """A server process under test: SIGSTOP / SIGCONT so only the measured one runs, and its name in errors."""
 
+    name: str
     proc: subprocess.Popen
+    where: str = ""  # address and log, for messages
+    request_timeout: float = 300  # seconds one request may take (--request-timeout)
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
@@ -207,15 +244,34 @@ class Paused:
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
+    def describe(self) -> str:
+        state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        return f"{self.name} (pid {self.proc.pid}, {state}{', ' + self.where if self.where else ''})"
 
-class LlamaServer(Paused):
+
+@contextmanager
+def phase(server: Contender, what: str, timeout: float) -> Iterator[None]:
+    """Turn a timeout of `server` during `what` (its greedy check, warm-up, a round) into StuckServer."""
+    try:
+        yield
+    except TimeoutError as e:
+        hint = f"; {SPIN_HINT}" if isinstance(server, LlamaServer) else ""
+        raise StuckServer(f"{server.describe()} stuck in {what}: no complete answer within {timeout:g} s "
+                          f"({e}){hint}") from e
+
+
+class LlamaServer(Contender):
     """A llama-server process on a free port, ready when /health answers 200."""
 
-    def __init__(self, cmd: list[str], log_path: Path, timeout: float = 300):
+    name = "llama.cpp"
+
+    def __init__(self, cmd: list[str], log_path: Path, timeout: float = 300, request_timeout: float = 300):
         import httpx2
 
         self.port = int(cmd[cmd.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
+        self.where = f"{self.url}, log {log_path}"
+        self.request_timeout = request_timeout
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         end = time.time() + timeout
@@ -247,28 +303,38 @@ class LlamaServer(Paused):
         import httpx2
 
         limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        async with httpx2.AsyncClient(base_url=self.url, timeout=600, limits=limits) as client:
+        # httpx's own timeouts past run_streams' deadline, so that one ends a stuck load (not an error count)
+        timeout = httpx2.Timeout(self.request_timeout + 30)
+        async with httpx2.AsyncClient(base_url=self.url, timeout=timeout, limits=limits) as client:
             def stream(i: int) -> AsyncIterator[int]:
                 return completion_stream(client, completion_body(prompts[i % len(prompts)], max_new,
                                                                  loras[i % len(loras)]))
 
-            return await run_streams(stream, requests, concurrency, (httpx2.HTTPError, PeerError))
+            return await run_streams(stream, requests, concurrency, (httpx2.HTTPError, PeerError),
+                                     self.request_timeout)
 
     def greedy(self, prompt: list[int], max_new: int, lora: int | None = None) -> list[int]:
         import httpx2
 
-        resp = httpx2.post(self.url + "/completion", json=completion_body(prompt, max_new, lora, stream=False),
-                           timeout=120)
+        try:
+            resp = httpx2.post(self.url + "/completion", json=completion_body(prompt, max_new, lora, stream=False),
+                               timeout=self.request_timeout)
+        except httpx2.TimeoutException as e:
+            raise TimeoutError(str(e) or type(e).__name__) from e
         resp.raise_for_status()
         return list(resp.json()["tokens"])
 
 
-class Ours(Paused):
+class Ours(Contender):
     """adapterserve (`python -m server`) through bench.server_process and bench.load's gRPC load."""
 
-    def __init__(self, *args: str, threads: int):
+    name = "adapterserve"
+
+    def __init__(self, *args: str, threads: int, request_timeout: float = 300):
         self.server = ServerProcess(*args, threads=threads)
         self.proc = self.server.proc
+        self.where = f"gRPC {self.server.target}"
+        self.request_timeout = request_timeout
 
     def stop(self) -> None:
         self.resume()
@@ -277,7 +343,7 @@ class Ours(Paused):
     async def load(self, prompts: list[list[int]], adapters: list[str], max_new: int, concurrency: int,
                    requests: int) -> LoadResult:
         return await run_load(self.server.target, [prompts[i % len(prompts)] for i in range(requests)],
-                              adapters, max_new, concurrency)
+                              adapters, max_new, concurrency, self.request_timeout)
 
     def greedy(self, prompt: list[int], max_new: int, adapter: str = "") -> list[int]:
         import grpc
@@ -286,34 +352,62 @@ class Ours(Paused):
         from bench.load import grpc_request
 
         with grpc.insecure_channel(self.server.target) as ch:
-            resp = pb_grpc.GenerationServiceStub(ch).Generate(grpc_request(prompt, adapter, max_new), timeout=120)
+            try:
+                resp = pb_grpc.GenerationServiceStub(ch).Generate(grpc_request(prompt, adapter, max_new),
+                                                                  timeout=self.request_timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(e.details()) from e
+                raise
         return list(resp.token_ids)
 
 
 def alternate(ours: Ours, peer: LlamaServer, rows: list[Workload], repeats: int, prompts: list[list[int]],
-              names: list[str], max_new: int, tok_s: dict[str, dict[str, list[float]]]) -> None:
-    """`repeats` rounds; in each, every workload on both servers (order alternating), the idle one stopped."""
+              names: list[str], max_new: int, tok_s: dict[str, dict[str, list[float]]],
+              busy: dict[str, dict[str, list[int]]]) -> None:
+    """`repeats` rounds; in each, every workload on both servers (order alternating), the idle one stopped.
+    Appends each round's tok/s to `tok_s[workload][system]`; `busy[workload][system]`: the last round's
+    busy threads (busy_threads)."""
     ours.pause()
     peer.pause()
     for r in range(repeats):
         for k, w in enumerate(rows):
             ours_adapters = names[:w.adapters] or [""]
             peer_loras: list[int | None] = list(range(w.adapters)) or [None]
-            runs = [("adapterserve", ours, ours_adapters), ("llama.cpp", peer, peer_loras)]
-            for system, server, adapters in runs if (r + k) % 2 == 0 else runs[::-1]:
+            runs: list[tuple[Contender, list]] = [(ours, ours_adapters), (peer, peer_loras)]
+            for server, adapters in runs if (r + k) % 2 == 0 else runs[::-1]:
+                what = f"round {r + 1}, {w.label} streams"
                 server.resume()
                 try:
-                    res = asyncio.run(server.load(prompts, adapters, max_new, w.streams, w.requests))
+                    before, t0 = thread_cpu(server.proc.pid), time.perf_counter()
+                    with phase(server, what, server.request_timeout):
+                        res = asyncio.run(server.load(prompts, adapters, max_new, w.streams, w.requests))
+                    threads = busy_threads(before, thread_cpu(server.proc.pid), time.perf_counter() - t0)
                 finally:
                     server.pause()
                 if res.errors or res.tokens != w.requests * max_new:
-                    raise RuntimeError(f"{system} {w.label}: {res.errors} errors, {res.tokens} tokens "
+                    raise RuntimeError(f"{server.describe()} in {what}: {res.errors} errors, {res.tokens} tokens "
                                        f"(expected {w.requests * max_new})")
-                tok_s.setdefault(w.name, {}).setdefault(system, []).append(res.tokens_per_s)
-            print(f"round {r + 1} {w.label:>14}: " + ", ".join(
-                f"{s} {tok_s[w.name][s][-1]:.1f}" for s in ("adapterserve", "llama.cpp")), flush=True)
+                tok_s.setdefault(w.name, {}).setdefault(server.name, []).append(res.tokens_per_s)
+                busy.setdefault(w.name, {})[server.name] = threads
+                print(f"round {r + 1} {w.label:>14}: {server.name:>12} {res.tokens_per_s:6.1f} tok/s ({res.tokens} "
+                      f"tokens in {res.wall_s:.1f} s; threads busy, % CPU: {threads})", flush=True)
     ours.resume()
     peer.resume()
+
+
+def greedy_check(server: Contender, prompt: list[int], max_new: int, adapter: str | int | None,
+                 label: str) -> tuple[list[int], float]:
+    """One greedy request of exactly `max_new` tokens on `server` (both running, neither measured):
+    its tokens and seconds."""
+    t0 = time.perf_counter()
+    with phase(server, f"the greedy check ({label})", server.request_timeout):
+        out = server.greedy(prompt, max_new, adapter)
+    seconds = time.perf_counter() - t0
+    print(f"greedy check {label}: {server.name} {len(out)} tokens in {seconds:.1f} s", flush=True)
+    if len(out) != max_new:
+        raise RuntimeError(f"{server.describe()} gave {len(out)} tokens in the greedy check ({label}), not {max_new}")
+    return out, seconds
 
 
 def main() -> int:
@@ -332,6 +426,9 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="rounds (medians reported)")
+    ap.add_argument("--request-timeout", type=float, default=300,
+                    help="seconds one request may take on either server before the run stops with an error naming "
+                         "the server and the phase (a quiet host needs under 30)")
     ap.add_argument("--prepare-only", action="store_true",
                     help="convert the model and the LoRA adapters (cached) and stop; needs only --llama-cpp TREE")
     args = ap.parse_args()
@@ -383,11 +480,18 @@ def main() -> int:
     if args.prepare_only:
         return 0
 
+    # Ctrl-C, and SIGTERM (or SIGINT under nohup, which ignores it), unwind through the `finally`s
+    # below that stop both servers instead of leaving them running (or stopped) behind.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tok_s: dict[str, dict[str, list[float]]] = {}
+    busy: dict[str, dict[str, list[int]]] = {}
     agreement: dict[str, int] = {}
+    texts: dict[str, tuple[str, str]] = {}
+    timeout = args.request_timeout
     ours = Ours("--model", args.model, "--dtype", OUR_DTYPE[args.precision], "--max-batch-size", str(slots),
                 "--adapter-root", str(root), "--max-resident-adapters", str(args.adapters + 4),
-                "--watchdog-seconds", "0", "--log-level", "WARNING", threads=args.threads)
+                "--watchdog-seconds", "0", "--log-level", "WARNING", threads=args.threads, request_timeout=timeout)
     try:
         for n in names:
             register(ours.server.target, n, n)
@@ -396,16 +500,23 @@ def main() -> int:
             if not phase_rows:
                 continue
             peer = LlamaServer(server_command(binary, gguf, free_port(), args.threads, slots, ctx_per_slot,
-                                              phase_loras), work / "llama-server.log")
+                                              phase_loras), work / "llama-server.log", request_timeout=timeout)
             try:
                 adapter = names[0] if phase_loras else ""
-                ours_out = ours.greedy(prompts[0], args.max_new_tokens, adapter)
-                peer_out = peer.greedy(prompts[0], args.max_new_tokens, 0 if phase_loras else None)
-                agreement[adapter or "base"] = first_divergence(ours_out, peer_out)
+                label = adapter or "base"
+                ours_out, ours_s = greedy_check(ours, prompts[0], args.max_new_tokens, adapter, label)
+                peer_out, peer_s = greedy_check(peer, prompts[0], args.max_new_tokens, 0 if phase_loras else None,
+                                                label)
+                if peer_s > 5 * ours_s:
+                    print(f"warning: llama.cpp took {peer_s / ours_s:.0f}x adapterserve's time for the same greedy "
+                          f"request: the host is busy? {SPIN_HINT}", flush=True)
+                agreement[label] = first_divergence(ours_out, peer_out)
+                texts[label] = (tokenizer.decode(ours_out), tokenizer.decode(peer_out))
                 warm = ((ours, names[:len(phase_loras)] or [""]), (peer, list(range(len(phase_loras))) or [None]))
-                for server, adapters in warm:
-                    asyncio.run(server.load(prompts, adapters, 4, slots, slots))  # warm-up (every adapter)
-                alternate(ours, peer, phase_rows, args.repeats, prompts, names, args.max_new_tokens, tok_s)
+                for server, adapters in warm:  # every adapter once, 4 tokens, all slots
+                    with phase(server, f"the warm-up ({label})", timeout):
+                        asyncio.run(server.load(prompts, adapters, 4, slots, slots))
+                alternate(ours, peer, phase_rows, args.repeats, prompts, names, args.max_new_tokens, tok_s, busy)
             finally:
                 peer.stop()
     finally:
@@ -421,8 +532,13 @@ def main() -> int:
     print(markdown_table(result_rows(tok_s, rows, peer_name)))
     print("\ngreedy tokens identical before the first difference (of "
           f"{args.max_new_tokens}): " + ", ".join(f"{k} {v}" for k, v in agreement.items()))
+    for label, (a, b) in texts.items():
+        print(f"greedy {label}, adapterserve: {a[:160]!r}\ngreedy {label}, llama.cpp:    {b[:160]!r}")
+    print("threads busy over 5% of the last round (% CPU): " + "; ".join(
+        f"{w}: " + ", ".join(f"{s} {v}" for s, v in d.items()) for w, d in busy.items()))
     print(json.dumps({"per_round_tok_s": {w: {s: [round(x, 1) for x in v] for s, v in d.items()}
-                                          for w, d in tok_s.items()}, "agreement": agreement}))
+                                          for w, d in tok_s.items()}, "agreement": agreement,
+                      "busy_threads": busy}))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,11 +13,15 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from bench.load import LoadResult, run_load, run_streams
+from bench.load import LoadResult, RequestTimeout, run_load, run_streams
 from bench.peers.llamacpp import (
+    Contender,
     LlamaServer,
     PeerError,
+    StuckServer,
     Workload,
+    alternate,
+    busy_threads,
     completion_body,
     completion_stream,
     event_tokens,
@@ -24,8 +29,10 @@ from bench.peers.llamacpp import (
     first_divergence,
     main,
     parse_sse,
+    phase,
     result_rows,
     server_command,
+    thread_cpu,
     workloads,
 )
 
@@ -200,3 +207,124 @@ def test_run_load_sends_token_id_prompts_to_a_real_server(start_server, tiny_lla
     ids = srv.app.model.tokenizer.encode("hello world")
     res = asyncio.run(run_load(srv.app.target, [ids, "hello world", ids], [""], 5, 2))
     assert (res.requests, res.tokens, res.errors) == (3, 15, 0)
+
+
+def test_run_streams_ends_a_stuck_load_with_a_timeout_instead_of_hanging():
+    started = []
+
+    async def stream(i: int):
+        started.append(i)
+        yield 1
+        if i == 1:
+            await asyncio.sleep(3600)  # a server that stopped answering mid-stream
+        yield 1
+
+    with pytest.raises(RequestTimeout, match=r"request 1 of 4 .* within 0.2 s \(1 tokens so far\)"):
+        asyncio.run(run_streams(stream, 4, 2, (PeerError,), timeout=0.2))
+    res = asyncio.run(run_streams(lambda i: stream(0), 3, 3, (PeerError,), timeout=30))
+    assert (res.tokens, res.errors) == (6, 0)  # a limit that is not reached changes nothing
+
+
+def test_a_llama_server_that_stalls_mid_stream_is_a_named_error(tmp_path):
+    """The shape of last session's hang: headers and one event, then nothing."""
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        event = b'data: {"content": "a", "tokens": [5], "stop": false}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(3600)
+
+    peer = LlamaServer.__new__(LlamaServer)  # no llama-server: its client side only
+    peer.proc = subprocess.Popen(["sleep", "30"])
+    peer.request_timeout = 0.5
+
+    async def run() -> None:
+        server = await asyncio.start_server(stall, "127.0.0.1", 0)
+        peer.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        peer.where = peer.url
+        async with server:
+            await peer.load([[1, 2]], [None], 4, 2, 2)
+
+    try:
+        with pytest.raises(StuckServer) as err, phase(peer, "round 1, 16 streams", peer.request_timeout):
+            asyncio.run(run())
+    finally:
+        peer.proc.kill()
+        peer.proc.wait()
+    message = str(err.value)
+    assert message.startswith(f"llama.cpp (pid {peer.proc.pid}, running, http://127.0.0.1:")
+    assert "stuck in round 1, 16 streams: no complete answer within 0.5 s" in message
+    assert "(1 tokens so far)" in message and "spin-wait" in message  # the likely cause, for llama.cpp only
+
+
+def test_llama_server_greedy_timeout_becomes_a_timeout_error(monkeypatch):
+    def slow(*args, **kwargs):
+        raise httpx2.ReadTimeout("timed out")
+
+    monkeypatch.setattr(httpx2, "post", slow)
+    peer = LlamaServer.__new__(LlamaServer)
+    peer.url, peer.request_timeout = "http://peer", 1.0
+    with pytest.raises(TimeoutError, match="timed out"):
+        peer.greedy([1], 4)
+
+
+def test_busy_threads_counts_the_threads_that_computed():
+    before = {1: 10.0, 2: 3.0, 3: 0.5}
+    after = {1: 19.8, 2: 12.5, 3: 0.6, 4: 2.0}  # thread 4 started during the round
+    assert busy_threads(before, after, 10.0) == [98, 95, 20]  # thread 3 (1%) is below the floor
+    own = thread_cpu(os.getpid())
+    assert os.getpid() in own and all(v >= 0 for v in own.values())  # the main thread's id is the pid
+    assert thread_cpu(2**22 + 12345) == {}  # no such process
+
+
+class _Fake(Contender):
+    def __init__(self, name: str, log: list, tokens_short: int = 0):
+        self.name, self.log, self.short = name, log, tokens_short
+        self.proc = subprocess.Popen(["sleep", "60"])
+        self.request_timeout = 5.0
+        self.other: _Fake | None = None
+
+    async def load(self, prompts, adapters, max_new, concurrency, requests) -> LoadResult:
+        for _ in range(200):  # SIGSTOP is delivered asynchronously
+            if _state(self.other.proc.pid) == "T":
+                break
+            await asyncio.sleep(0.005)
+        self.log.append((self.name, tuple(adapters), concurrency, _state(self.other.proc.pid)))
+        return LoadResult(requests, requests * max_new - self.short, 0.5, [], [], 0)
+
+
+def test_alternate_runs_each_load_with_the_other_server_stopped_in_alternating_order():
+    log: list = []
+    ours, peer = _Fake("adapterserve", log), _Fake("llama.cpp", log)
+    ours.other, peer.other = peer, ours
+    rows = [Workload("1", 1, 4), Workload("lora", 32, 32, 2)]
+    tok_s: dict = {}
+    busy: dict = {}
+    try:
+        alternate(ours, peer, rows, 2, [[1]], ["a", "b"], 8, tok_s, busy)
+        assert [(n, a, c) for n, a, c, _ in log] == [
+            ("adapterserve", ("",), 1), ("llama.cpp", (None,), 1),        # round 1, row 0: ours first
+            ("llama.cpp", (0, 1), 32), ("adapterserve", ("a", "b"), 32),  # row 1: the peer first
+            ("llama.cpp", (None,), 1), ("adapterserve", ("",), 1),        # round 2 starts the other way
+            ("adapterserve", ("a", "b"), 32), ("llama.cpp", (0, 1), 32)]
+        assert all(state == "T" for *_, state in log)  # the idle server was stopped during every load
+        assert tok_s == {"1": {"adapterserve": [64.0, 64.0], "llama.cpp": [64.0, 64.0]},
+                         "lora": {"adapterserve": [512.0, 512.0], "llama.cpp": [512.0, 512.0]}}
+        assert set(busy) == {"1", "lora"} and set(busy["1"]) == {"adapterserve", "llama.cpp"}
+        for proc in (ours.proc, peer.proc):  # both resumed at the end
+            for _ in range(200):
+                if _state(proc.pid) != "T":
+                    break
+                time.sleep(0.005)
+            assert _state(proc.pid) in "SR"
+        short = _Fake("llama.cpp", log, tokens_short=3)
+        short.other, ours.other = ours, short
+        with pytest.raises(RuntimeError, match=r"llama.cpp \(pid \d+, running\) in round 1, 1 streams: "
+                                               r"0 errors, 29 tokens \(expected 32\)"):
+            alternate(ours, short, rows[:1], 1, [[1]], [], 8, {}, {})  # ours first, then the short peer
+        short.proc.kill()
+    finally:
+        for proc in (ours.proc, peer.proc):
+            proc.kill()
+            proc.wait()
