@@ -24,7 +24,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parent / "data"
 FORMAT_PREFIX = "ANSWER:"
 # Learning rate per --method when --lr is not given (IA3 and LN tuning train a few thousand scales).
-DEMO_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-2, "ln_tuning": 3e-2, "bottleneck": 1e-3}
+DEMO_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-2, "ln_tuning": 3e-3, "bottleneck": 1e-3}
 
 
 def replies(model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[str],
