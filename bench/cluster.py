@@ -6,8 +6,11 @@
 Throughput: 32 concurrent gRPC streams x 64 tokens over 8 rank-16 LoRA adapters (bench.load), the
 same load against (a) the single server (`python -m server`), (b) `python -m server.cluster
 --replicas 1` and (c) `--replicas 2` (on a 2-core host the two replicas share the same cores: each
-gets --threads cores/2). Rounds alternate the order; medians of tok/s, ratios to the single server
-(target for 1 replica: >= 0.9x).
+gets --threads cores/2). Each setup starts once; then in each round every setup runs the load while
+the others are paused (SIGSTOP of their whole process tree, Ray included), the order reversed every
+other round; medians of tok/s, ratios to the single server (target for 1 replica: >= 0.9x). Also
+tokens per CPU second of each setup's whole process tree (Ray's processes included): on a busy
+shared host the wall-clock ratio mixes in the other tenants, the CPU ratio is the overhead itself.
 
 Hit rate: a simulation of Serve's multiplexed routing (replicas holding the adapter first, else the
 replica with the fewest adapters; LRU per replica) against random routing, Zipf(s) popularity over
@@ -83,6 +86,9 @@ def hitrate_rows(s_values: list[float]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- throughput
 def throughput(args) -> dict[str, list[LoadResult]]:
+    """Every setup started once, then `--repeats` rounds; in each round every setup runs the same load
+    while the others are paused (SIGSTOP of the whole process tree), order reversed every other round,
+    so the host's drift hits every setup alike."""
     import torch
     from transformers import AutoTokenizer
 
@@ -99,30 +105,59 @@ def throughput(args) -> dict[str, list[LoadResult]]:
     names = build_adapters(folder, root, args.adapters, 0, 0, args.rank)  # the adapter store: <root>/<name>
     common = ["--model", args.model, "--adapter-root", str(root), "--max-batch-size", str(args.requests),
               "--log-level", "WARNING", "--http-port", "0", "--metrics-port", "0"]
-    setups = {
+    setups: dict[str, dict] = {
         "single server": dict(module="server", args=[*common, "--max-resident-adapters", str(args.adapters)],
-                              threads=cores),
-        "cluster, 1 replica": dict(module="server.cluster", args=[
-            *common, "--replicas", "1", "--max-adapters-per-replica", str(args.adapters)], threads=cores),
-        "cluster, 2 replicas": dict(module="server.cluster", args=[
-            *common, "--replicas", "2", "--max-adapters-per-replica", str(args.adapters)],
-            threads=max(1, cores // 2)),
+                              threads=cores, env={}),
     }
+    for n in args.replicas:
+        cluster_args = [*common, "--replicas", str(n), "--max-adapters-per-replica", str(args.adapters)]
+        threads = max(1, cores // n)  # replicas on one host share its cores
+        setups[f"cluster, {n} replica{'s' if n > 1 else ''}"] = dict(
+            module="server.cluster", args=cluster_args, threads=threads, env={})
+        for label, env in args.variant:
+            setups[f"cluster, {n} replica{'s' if n > 1 else ''}, {label}"] = dict(
+                module="server.cluster", args=cluster_args, threads=threads, env=env)
+    procs: dict[str, ServerProcess] = {}
     runs: dict[str, list[LoadResult]] = {name: [] for name in setups}
-    for name, setup in setups.items():  # one at a time: the cluster's Ray would compete with the others
-        proc = ServerProcess(*setup["args"], threads=setup["threads"], module=setup["module"], ready_timeout=600)
-        try:
+    try:
+        for name, setup in setups.items():  # started one at a time, then paused while the others start
+            proc = ServerProcess(*setup["args"], threads=setup["threads"], module=setup["module"],
+                                 ready_timeout=900, env=setup["env"])
+            procs[name] = proc
             if setup["module"] == "server":  # the single server registers them; cluster replicas load them on use
                 for n in names:
                     register(proc.target, n, n)
             asyncio.run(run_load(proc.target, prompts, names, 4, len(prompts)))  # warm-up: every adapter loaded
-            for _ in range(args.repeats):
-                result = asyncio.run(run_load(proc.target, prompts, names, args.max_new_tokens, len(prompts)))
+            proc.pause()
+        for r in range(args.repeats):
+            order = list(setups) if r % 2 == 0 else list(reversed(setups))
+            for name in order:
+                proc = procs[name]
+                proc.resume()
+                try:
+                    cpu0 = proc.tree_cpu_seconds()
+                    result = asyncio.run(run_load(proc.target, prompts, names, args.max_new_tokens, len(prompts)))
+                    cpu = proc.tree_cpu_seconds() - cpu0
+                finally:
+                    proc.pause()
                 assert result.errors == 0, (name, result.errors)
+                result.cpu_s = cpu  # the setup's whole process tree
                 runs[name].append(result)
-        finally:
+                print(f"round {r + 1}: {name}: {result.tokens_per_s:.1f} tok/s, {result.tokens / cpu:.1f} tok per "
+                      f"CPU s (load {os.getloadavg()[0]:.1f})", flush=True)
+    finally:
+        for proc in procs.values():
             proc.stop()
     return runs
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """LABEL=KEY=VALUE[,KEY=VALUE...]: an extra cluster setup run with those environment variables."""
+    label, _, assignments = text.partition("=")
+    env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    if not label or not env:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: want LABEL=KEY=VALUE[,KEY=VALUE...]")
+    return label, env
 
 
 def main() -> None:
@@ -134,14 +169,21 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="load rounds per setup (medians reported)")
+    ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2],
+                    help="cluster setups: replica counts (none: the single server alone, a smoke test)")
+    ap.add_argument("--variant", type=_variant, action="append", default=[],
+                    help="LABEL=KEY=VALUE[,...]: also each cluster setup with these environment variables "
+                         "(Ray Serve knobs, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
     ap.add_argument("--zipf", type=float, nargs="+", default=[0.8, 1.0, 1.2])
     args = ap.parse_args()
     out: dict = {}
     if args.part in ("all", "throughput"):
         runs = throughput(args)
         med = {name: statistics.median(r.tokens_per_s for r in rs) for name, rs in runs.items()}
-        base = med["single server"]
+        per_cpu = {name: statistics.median(r.tokens / r.cpu_s for r in rs) for name, rs in runs.items()}
+        base, base_cpu = med["single server"], per_cpu["single server"]
         rows = [{"setup": name, "tok/s": round(v, 1), "vs single": round(v / base, 3),
+                 "tok per CPU s": round(per_cpu[name], 1), "CPU vs single": round(per_cpu[name] / base_cpu, 3),
                  "ttft p50 ms": round(statistics.median(r.pct(r.ttft_s, 0.5) for r in runs[name]) * 1000, 1)}
                 for name, v in med.items()]
         print(f"\n{args.requests} concurrent streams x {args.max_new_tokens} tokens over {args.adapters} rank-{args.rank} "

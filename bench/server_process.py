@@ -22,7 +22,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m <module>` (server, or server.cluster) on a free gRPC port; ready once health is SERVING."""
 
-    def __init__(self, *args: str, threads: int = 0, module: str = "server", ready_timeout: float = 300):
+    def __init__(self, *args: str, threads: int = 0, module: str = "server", ready_timeout: float = 300,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", module, "--port", str(self.port), *args]
         if "--metrics-port" not in args:
@@ -31,7 +32,7 @@ class ServerProcess:
             cmd += ["--http-port", "0"]
         if threads:
             cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.target = f"127.0.0.1:{self.port}"
         self._wait_ready(ready_timeout)
 
@@ -55,6 +56,50 @@ class ServerProcess:
             fields = f.read().rpartition(")")[2].split()  # after "pid (comm)": state is fields[0]
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def tree_cpu_seconds(self) -> float:
+        """CPU time (user + system) the process and every live process under it have used so far: a
+        cluster's Ray processes (GCS, raylet, controller, proxies, replicas) included."""
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:  # (gone meanwhile)
+                pass
+        return total
+
+    def pause(self) -> None:
+        """SIGSTOP the process and every process under it (a cluster's Ray: GCS, raylet, workers), so
+        a paused setup takes no CPU while another one is measured."""
+        for p in self._tree():
+            try:
+                p.send_signal(signal.SIGSTOP)
+            except Exception:  # (gone meanwhile)
+                pass
+
+    def resume(self, ready_timeout: float = 120) -> None:
+        """SIGCONT what pause() stopped (children first), then wait until health is SERVING again."""
+        for p in reversed(self._tree()):
+            try:
+                p.send_signal(signal.SIGCONT)
+            except Exception:  # (gone meanwhile)
+                pass
+        self._wait_ready(ready_timeout)
+
     def stop(self, timeout: float = 120) -> int:
+        for p in self._tree():  # a paused tree would never see the SIGTERM
+            try:
+                p.send_signal(signal.SIGCONT)
+            except Exception:  # (gone meanwhile)
+                pass
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
