@@ -3,15 +3,20 @@
 Parses the same flags and ADAPTERSERVE_* variables as ``python -m server`` plus the cluster's own
 (``--address``, ``--replicas``, ``--max-adapters-per-replica``, ...; ``--help`` lists them), deploys
 (:class:`server.cluster.deploy.Cluster`), then waits in the foreground. On SIGTERM or SIGINT it
-deletes the Serve application (each replica drains: health NOT_SERVING, in-flight requests get
-``--grace-seconds``), shuts Serve down, and Ray too when it started it; exit status 0.
+stops in the single server's phases (``Cluster.stop``): health NOT_SERVING for ``--drain-seconds``
+while requests are still served, then the Serve application is deleted (new requests refused,
+in-flight ones get ``--grace-seconds``), then Serve stops, and Ray too when it started it; exit
+status 0. A signal during start-up stops what has started so far, also with status 0.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
+
+log = logging.getLogger("adapterserve.cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +33,32 @@ def main(argv: list[str] | None = None) -> int:
     from server.cluster.deploy import Cluster
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal(signum: int, _frame) -> None:
+        if not stop.is_set():
+            log.info("%s: shutting the cluster down", signal.Signals(signum).name)
+        stop.set()
+
+    def install_handlers() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
+    install_handlers()
     cluster = Cluster(cfg)
+    serving = False
     try:
-        cluster.start()
-        print(f"adapterserve cluster serving: gRPC :{cfg.port}, HTTP {cfg.http_host}:{cfg.http_port}", flush=True)
+        cluster.connect()
+        install_handlers()  # ray.init replaced SIGTERM's (sys.exit from the handler, an abort at exit)
+        if not stop.is_set():
+            cluster.deploy(stop=stop)
+        if not stop.is_set():
+            print(f"adapterserve cluster serving: gRPC :{cfg.port}, HTTP {cfg.http_host}:{cfg.http_port}, "
+                  f"Ray {cluster.ray_address}", flush=True)
+            serving = True
         stop.wait()
     finally:
-        cluster.stop()
+        cluster.stop(drain_s=cfg.drain_seconds if serving else 0.0)
+    log.info("cluster stopped")
     return 0
 
 

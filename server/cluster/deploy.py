@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any
 
 import ray
@@ -28,12 +30,20 @@ log = logging.getLogger("adapterserve.cluster")
 ENGINE = "Engine"
 INGRESS = "Ingress"
 ADD_SERVICES = "server.cluster.rpc.add_services"
+INGRESS_ANSWER_S = 10.0
+
+
+#: Ray Serve settings for every process of the application (this process's environment overrides them).
+#: A proxy on a busy host can take longer than Serve's 5 s readiness check to start; three misses
+#: and Serve kills it and ``serve.start`` fails.
+SERVE_ENV_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def _runtime_env() -> dict[str, Any]:
     """Workers import the project as this process does (its sys.path) and read its ADAPTERSERVE_* settings."""
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env = {"PYTHONPATH": os.pathsep.join(paths)}
+    env.update({k: os.environ.get(k, v) for k, v in SERVE_ENV_DEFAULTS.items()})
     return {"env_vars": env}
 
 
@@ -46,7 +56,7 @@ def engine_options(cfg: ClusterConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         "health_check_period_s": 2.0,
         "health_check_timeout_s": max(30.0, cfg.watchdog_seconds),
-        "graceful_shutdown_timeout_s": cfg.grace_seconds + 5,
+        **shutdown_options(cfg, margin_s=5.0),
     }
     if cfg.autoscaling:
         opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
@@ -56,12 +66,20 @@ def engine_options(cfg: ClusterConfig) -> dict[str, Any]:
     return opts
 
 
+def shutdown_options(cfg: ClusterConfig, margin_s: float) -> dict[str, float]:
+    """A deleted deployment's replicas let in-flight requests run for --grace-seconds (+ margin) before
+    Serve stops them; an idle replica stops at the next check (every 0.2 s, Serve's default is 2 s)."""
+    return {"graceful_shutdown_timeout_s": cfg.grace_seconds + margin_s, "graceful_shutdown_wait_loop_s": 0.2}
+
+
 def build_application(cfg: ClusterConfig) -> serve.Application:
     """The Serve application: ingress (HTTP routes + gRPC methods) bound to the engine deployment."""
     engine = serve.deployment(**engine_options(cfg))(EngineReplica).bind(cfg)
     ingress = serve.deployment(name=INGRESS, num_replicas=cfg.ingress_replicas,
                                max_ongoing_requests=max(1024, 4 * (cfg.max_batch_size + cfg.max_queue)),
-                               ray_actor_options={"num_cpus": 0})(ingress_class())
+                               ray_actor_options={"num_cpus": 0},
+                               # outlives the engine's grace: the streams it relays end first
+                               **shutdown_options(cfg, margin_s=10.0))(ingress_class())
     return ingress.bind(engine, cfg)
 
 
@@ -84,36 +102,51 @@ class Cluster:
         self.cfg = cfg
         self.ray_init = dict(ray_init or {})
         self._own_ray = False
+        self._serve_started = False
+        self._deployed = False
 
     def start(self) -> Cluster:
         """Connect to Ray, start Serve and deploy; return once every replica serves."""
+        self.connect()
+        self.deploy()
+        return self
+
+    def connect(self) -> None:
+        """Start (``--address local``) or join Ray. Note: ``ray.init`` replaces this process's SIGTERM
+        handler (with ``sys.exit``, plus Ray core's fatal-signal report): install yours after this."""
         cfg = self.cfg
-        if not ray.is_initialized():
-            kw: dict[str, Any] = {"runtime_env": _runtime_env(), "logging_level": logging.WARNING,
-                                  **self.ray_init}
-            if cfg.address == "local":
-                kw.setdefault("include_dashboard", False)
-                if cfg.object_store_bytes:
-                    kw.setdefault("object_store_memory", cfg.object_store_bytes)
-                ray.init(**kw)
-            else:
-                ray.init(address=cfg.address, **kw)
-            self._own_ray = True
+        if ray.is_initialized():
+            return
+        kw: dict[str, Any] = {"runtime_env": _runtime_env(), "logging_level": logging.WARNING, **self.ray_init}
+        if cfg.address == "local":
+            kw.setdefault("include_dashboard", False)
+            if cfg.object_store_bytes:
+                kw.setdefault("object_store_memory", cfg.object_store_bytes)
+        self._own_ray = cfg.address == "local"
+        ray.init(address=cfg.address, **kw)
+
+    @property
+    def ray_address(self) -> str:
+        """The GCS address of the Ray cluster (``ray.init(address=...)`` joins it)."""
+        return ray.get_runtime_context().gcs_address
+
+    def deploy(self, stop: threading.Event | None = None) -> None:
+        """Start Serve's proxies and deploy the application; return once it runs (or `stop` is set)."""
+        cfg = self.cfg
         serve.start(
             http_options=HTTPOptions(host=cfg.http_host, port=cfg.http_port),
             grpc_options=gRPCOptions(port=cfg.port, grpc_servicer_functions=[ADD_SERVICES]),
         )
+        self._serve_started = True
         serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
-        self.wait_ready()
+        self._deployed = True
+        self.wait_ready(stop=stop)
         log.info("cluster %s: gRPC on :%d, HTTP on %s:%d", cfg.app_name, cfg.port, cfg.http_host, cfg.http_port)
-        return self
 
-    def wait_ready(self, timeout_s: float = 600.0) -> None:
+    def wait_ready(self, timeout_s: float = 600.0, stop: threading.Event | None = None) -> None:
         """Block until the application is RUNNING (every replica started); raise if it failed."""
-        import time
-
         end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
+        while time.monotonic() < end and not (stop is not None and stop.is_set()):
             app = serve.status().applications.get(self.cfg.app_name)
             status = getattr(app, "status", None)
             if status == "RUNNING":
@@ -121,16 +154,57 @@ class Cluster:
             if status == "DEPLOY_FAILED":
                 raise RuntimeError(f"cluster deploy failed: {app.message}")
             time.sleep(0.5)
-        raise TimeoutError(f"cluster not running within {timeout_s:g} s")
+        if stop is None or not stop.is_set():
+            raise TimeoutError(f"cluster not running within {timeout_s:g} s")
 
     def engine_handle(self) -> serve.handle.DeploymentHandle:
         return serve.get_deployment_handle(ENGINE, app_name=self.cfg.app_name)
 
-    def stop(self) -> None:
-        """Delete the application (replicas drain: grace), stop Serve, and Ray when this process started it."""
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop what :meth:`start` started, in the single server's phases (SIGTERM runs this):
+
+        1. ``drain_s`` > 0: health NOT_SERVING on every ingress replica while requests are still served;
+        2. new requests answered UNAVAILABLE; in-flight ones (streams included) may finish for
+           ``--grace-seconds``;
+        3. the application is deleted (what still runs is cut: UNAVAILABLE, each replica shuts its
+           server down), Serve stops (controller and proxies), and Ray when this process started it.
+        """
         try:
-            serve.delete(self.cfg.app_name)
+            if self._deployed:
+                self._quiesce(drain_s)
+                serve.delete(self.cfg.app_name)
         finally:
-            serve.shutdown()
-            if self._own_ray:
-                ray.shutdown()
+            self._deployed = False
+            try:
+                if self._serve_started:
+                    serve.shutdown()
+            finally:
+                self._serve_started = False
+                if self._own_ray and ray.is_initialized():
+                    ray.shutdown()
+                self._own_ray = False
+
+    def _quiesce(self, drain_s: float) -> None:
+        """Phases 1 and 2 of :meth:`stop`, on every ingress replica (best effort: the delete follows anyway)."""
+        ingress = serve.get_deployment_handle(INGRESS, app_name=self.cfg.app_name)
+
+        def ask(method: str) -> list:
+            try:
+                return ingress.broadcast(method).results(timeout_s=INGRESS_ANSWER_S, return_exceptions=True)
+            except Exception as e:  # (no ingress replica answered)
+                log.warning("shutdown: ingress did not answer %s (%s)", method, type(e).__name__)
+                return []
+
+        if drain_s > 0:
+            ask("drain")
+            log.info("NOT_SERVING; still serving new requests for %.1f s (--drain-seconds)", drain_s)
+            time.sleep(drain_s)
+        end = time.monotonic() + self.cfg.grace_seconds
+        running = sum(n for n in ask("close") if isinstance(n, int))
+        if running:
+            log.info("%d request(s) in flight: waiting up to %.1f s (--grace-seconds)", running, self.cfg.grace_seconds)
+        while running and time.monotonic() < end:
+            time.sleep(0.1)
+            running = sum(n for n in ask("in_flight") if isinstance(n, int))
+        if running:
+            log.warning("%d request(s) still running after --grace-seconds: cut (UNAVAILABLE)", running)

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from fastapi import FastAPI, Request
@@ -69,6 +69,9 @@ class Ingress:
         auth, admin = cfg.resolved_auth_token(), cfg.resolved_admin_token()
         self.auth = TokenAuthInterceptor(auth, admin) if auth or admin else None
         self._health: tuple[float, bool] = (0.0, False)
+        self._draining = False  # shutdown phase 1: health NOT_SERVING, requests still served
+        self._closing = False  # phase 2: new requests UNAVAILABLE, in-flight ones finish
+        self._in_flight = 0  # requests (streams: until their last chunk went out) being answered
         self._model_name: str | None = None
 
     # ------------------------------------------------------------------ routing helpers
@@ -89,8 +92,33 @@ class Ingress:
         grpc_context.set_details(e.details)
         return e
 
+    # ------------------------------------------------------------------ shutdown (server.cluster.deploy.Cluster.stop)
+    async def drain(self) -> None:
+        """Phase 1: health NOT_SERVING from now on, requests still served (load balancers route elsewhere)."""
+        self._draining = True
+
+    async def close(self) -> int:
+        """Phase 2: new requests answered UNAVAILABLE from now on; returns the requests still in flight."""
+        self._draining = self._closing = True
+        return self._in_flight
+
+    async def in_flight(self) -> int:
+        return self._in_flight
+
+    def _admit(self) -> None:
+        """Count a request in (the caller counts it out with _done); UNAVAILABLE once closing, as the
+        single server answers during its --grace-seconds."""
+        if self._closing:
+            raise RpcStatus.of(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        self._in_flight += 1
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+
     async def serving(self) -> bool:
-        """True when at least one replica serves (asked at most every HEALTH_CACHE_S)."""
+        """True when at least one replica serves (asked at most every HEALTH_CACHE_S), unless draining."""
+        if self._draining:
+            return False
         checked, ok = self._health
         if time.monotonic() - checked < HEALTH_CACHE_S:
             return ok
@@ -109,6 +137,10 @@ class Ingress:
         try:
             self._authorize("/adapterserve.v1.GenerationService/Generate", grpc_context)
             request = _parse(pb.GenerateRequest, data)
+            self._admit()
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        try:
             for attempt in range(2):  # a replica lost mid-call: generation has no side effect, retry once
                 try:
                     return RawMessage(await self._routed(adapter_of(request)).generate.remote(data))
@@ -121,12 +153,18 @@ class Ingress:
             raise self._fail(grpc_context, e) from None
         except BackPressureError as e:
             raise self._fail(grpc_context, RpcStatus.of(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))) from None
+        finally:
+            self._done()
 
     async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
         sent = 0
         try:
             self._authorize("/adapterserve.v1.GenerationService/GenerateStream", grpc_context)
             request = _parse(pb.GenerateRequest, data)
+            self._admit()
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        try:
             async for chunk in self._routed(adapter_of(request), stream=True).generate_stream.remote(data):
                 sent += 1
                 yield RawMessage(chunk)
@@ -137,6 +175,8 @@ class Ingress:
                 grpc.StatusCode.UNAVAILABLE, f"{_lost_message(e)} after {sent} chunk(s)")) from None
         except BackPressureError as e:
             raise self._fail(grpc_context, RpcStatus.of(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))) from None
+        finally:
+            self._done()
 
     async def GetModelInfo(self, data: bytes, grpc_context=None) -> RawMessage:
         return await self._unary("/adapterserve.v1.GenerationService/GetModelInfo", grpc_context,
@@ -182,12 +222,17 @@ class Ingress:
     async def _unary(self, method: str, grpc_context, call) -> RawMessage:
         try:
             self._authorize(method, grpc_context)
-            try:
-                return RawMessage(await call())
-            except LOST as e:
-                raise RpcStatus.of(grpc.StatusCode.UNAVAILABLE, _lost_message(e)) from None
+            self._admit()
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None
+        try:
+            return RawMessage(await call())
+        except LOST as e:
+            raise self._fail(grpc_context, RpcStatus.of(grpc.StatusCode.UNAVAILABLE, _lost_message(e))) from None
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        finally:
+            self._done()
 
     # ------------------------------------------------------------------ grpc.health.v1.Health
     async def Check(self, data: bytes, grpc_context=None) -> health_pb2.HealthCheckResponse:
@@ -237,20 +282,30 @@ class Ingress:
         if length.isdigit() and int(length) > self.cfg.max_message_bytes:
             return _openai_error(413, f"request body: {int(length)} bytes exceed the limit of "
                                       f"{self.cfg.max_message_bytes} (--max-message-bytes)")
-        body = await request.body()
-        adapter_id = await self._http_adapter(request, body)
-        handle = self.engine.options(multiplexed_model_id=adapter_id, stream=True)
-        stream = handle.http.remote(request_scope(request), body)
         try:
-            status, headers = await stream.__anext__()
+            self._admit()
         except RpcStatus as e:
-            return _openai_error(503 if e.code == grpc.StatusCode.UNAVAILABLE else 500, e.details)
-        except LOST as e:
-            return _openai_error(503, _lost_message(e))
-        except BackPressureError as e:
-            return _openai_error(429, str(e))
-        return StreamingResponse(_relay(stream), status_code=status,
-                                 headers={k: v for k, v in headers if k.lower() != "content-length"})
+            return _openai_error(503, e.details)
+        relaying = False
+        try:
+            body = await request.body()
+            adapter_id = await self._http_adapter(request, body)
+            handle = self.engine.options(multiplexed_model_id=adapter_id, stream=True)
+            stream = handle.http.remote(request_scope(request), body)
+            try:
+                status, headers = await stream.__anext__()
+            except RpcStatus as e:
+                return _openai_error(503 if e.code == grpc.StatusCode.UNAVAILABLE else 500, e.details)
+            except LOST as e:
+                return _openai_error(503, _lost_message(e))
+            except BackPressureError as e:
+                return _openai_error(429, str(e))
+            relaying = True
+            return StreamingResponse(_relay(stream, self._done), status_code=status,
+                                     headers={k: v for k, v in headers if k.lower() != "content-length"})
+        finally:
+            if not relaying:
+                self._done()
 
     async def _http_adapter(self, request: Request, body: bytes) -> str:
         """The adapter id of an OpenAI completion body: ``model`` (or ``base:adapter``), else the
@@ -279,14 +334,17 @@ class Ingress:
         return self._model_name
 
 
-async def _relay(stream) -> AsyncIterator[bytes]:
-    """The replica's body chunks; a replica lost mid-stream ends the stream with an SSE error event."""
+async def _relay(stream, done: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The replica's body chunks; a replica lost mid-stream ends the stream with an SSE error event.
+    `done` counts the request out when the body ended."""
     try:
         async for chunk in stream:
             yield chunk
     except (*LOST, RpcStatus) as e:
         message = e.details if isinstance(e, RpcStatus) else _lost_message(e)
         yield b"data: " + json.dumps(OpenAIError(503, message).body()).encode() + b"\n\n"
+    finally:
+        done()
 
 
 def _openai_error(status: int, message: str) -> JSONResponse:

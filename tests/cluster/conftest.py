@@ -1,12 +1,21 @@
 """One local Ray cluster per test module: tiny random Llama, 2 engine replicas x 2 adapter slots.
 
-Ray starts once per module (dashboard off, a small object store, its workers' logs kept out of the
-test output); the same adapter folders serve the single server the answers are compared with.
+The cluster is `python -m server.cluster` itself, run as a subprocess (it starts its own Ray: dashboard
+off, a small object store; its output goes to a log file, shown when it fails to start); the tests
+join that Ray as a second driver to inspect and kill replicas. The same adapter folders serve the
+single server the answers are compared with.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -35,31 +44,105 @@ def cluster_adapter_root(tmp_path_factory, tiny_model_factory):
     return root
 
 
-class RunningCluster:
-    """A started cluster plus blocking stubs to its gRPC proxy and its HTTP base URL."""
+SERVING_LINE = re.compile(r"adapterserve cluster serving: .* Ray (\S+)")
+START_TIMEOUT_S = 480.0
 
-    def __init__(self, cluster, cfg):
-        self.cluster = cluster
+
+class RunningCluster:
+    """A `python -m server.cluster` process plus blocking stubs to its gRPC proxy and its HTTP base URL."""
+
+    def __init__(self, proc: subprocess.Popen, cfg, log: Path, ray_address: str):
+        self.proc = proc
         self.cfg = cfg
+        self.log = log
+        self.ray_address = ray_address
         self.target = f"127.0.0.1:{cfg.port}"
         self.http = f"http://127.0.0.1:{cfg.http_port}"
         self.channel = grpc.insecure_channel(self.target)
         self.gen = pb_grpc.GenerationServiceStub(self.channel)
         self.adapters = pb_grpc.AdapterServiceStub(self.channel)
 
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_cluster_process(argv: list[str], log: Path, attempts: int = 2) -> tuple[subprocess.Popen, str]:
+    """Run `python -m server.cluster argv` until it prints that it serves; (process, its Ray address).
+
+    A second attempt when the first exits during start-up (Ray gives its dashboard agent a fixed
+    15 s to report and its raylet 30 s to register, which a starved shared host can miss); all
+    attempts together within START_TIMEOUT_S, under pytest-timeout's 600 s. Whatever ends the wait
+    (timeout, pytest-timeout's exception, Ctrl-C), the process tree goes with it."""
+    paths = [p for p in sys.path if p and os.path.isdir(p)]  # the project as this process imports it
+    # RAY_AUTH_MODE: a Ray started where ~/.ray/auth_token exists turns token auth on, which the tests'
+    # own driver (auth off) could not join; loopback only, so off.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
+    end = time.monotonic() + START_TIMEOUT_S
+    proc = None
+    try:
+        for _attempt in range(attempts):
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "server.cluster", *argv], stdout=out,
+                                        stderr=subprocess.STDOUT, env=env)
+            while time.monotonic() < end:
+                found = SERVING_LINE.search(log.read_text(errors="replace"))
+                if found:
+                    return proc, found.group(1)
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+            kill_tree(proc)
+            if time.monotonic() >= end:
+                break
+    except BaseException:
+        if proc is not None:
+            kill_tree(proc)
+        raise
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    pytest.fail(f"python -m server.cluster did not serve within {START_TIMEOUT_S:g} s:\n{tail}")
+
 
 @pytest.fixture(scope="module")
-def cluster(tiny_llama, cluster_adapter_root):
-    from server.cluster.config import ClusterConfig
-    from server.cluster.deploy import Cluster
+def cluster(tiny_llama, cluster_adapter_root, tmp_path_factory):
+    import ray
 
-    cfg = ClusterConfig(model=str(tiny_llama), adapter_root=str(cluster_adapter_root), port=free_port(),
-                        http_port=free_port(), replicas=2, max_adapters_per_replica=2, threads=1,
-                        kv_cache_tokens=2048, max_batch_size=8, grace_seconds=2.0, log_level="WARNING")
-    cfg.validate()
-    running = Cluster(cfg, ray_init={"num_cpus": 4, "object_store_memory": 100 * 1024**2,
-                                     "log_to_driver": False}).start()
+    from server.cluster.config import parse_cluster_config
+
+    argv = ["--model", str(tiny_llama), "--adapter-root", str(cluster_adapter_root), "--port", str(free_port()),
+            "--http-port", str(free_port()), "--metrics-port", "0", "--replicas", "2",
+            "--max-adapters-per-replica", "2", "--replica-cpus", "0.5", "--threads", "1",
+            "--kv-cache-tokens", "2048", "--max-batch-size", "8", "--drain-seconds", "0.5",
+            "--grace-seconds", "30", "--object-store-bytes", str(100 * 1024**2), "--log-level", "WARNING"]
+    cfg = parse_cluster_config(argv, env={})
+    log = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    proc, address = start_cluster_process(argv, log)
+    running = RunningCluster(proc, cfg, log, address)
     try:
-        yield RunningCluster(running, cfg)
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")  # the tests' view of Serve
+        yield running
     finally:
-        running.stop()
+        running.channel.close()
+        if ray.is_initialized():
+            ray.shutdown()  # before the cluster's Ray goes: a driver that loses it exits its process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it (a cluster that did not stop leaves no Ray behind)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)

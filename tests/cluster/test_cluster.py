@@ -8,6 +8,8 @@ adapters each, a tiny random Llama, adapters of every PEFT kind in the adapter s
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -20,6 +22,8 @@ import ray  # the `cluster` extra, part of `make test`'s install: these tests ne
 from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.cluster.conftest import AFFINITY_ADAPTERS, KINDS
 from tests.serving import make_request
+
+STOP_BOUND_S = 120  # --drain-seconds 0.5 + an in-flight stream's end + the delete + Ray's shutdown, on a slow host
 
 
 def _post(url: str, doc: dict, timeout: float = 60) -> tuple[int, str]:
@@ -310,3 +314,53 @@ def test_http_admin_writes_the_store(cluster, single):
     assert status == 200, body
     status, body = _post(cluster.http + "/v1/completions", doc)
     assert status == 404, body
+
+
+def test_sigterm_stops_the_cluster_cleanly(cluster):
+    """SIGTERM to `python -m server.cluster` (the last test: it stops the module's cluster): a stream in
+    flight finishes with every token, the process exits 0 within a bound, and none of the Ray and
+    Serve processes it started (GCS, raylet, controller, proxy, replicas) remains."""
+    import psutil
+
+    started = psutil.Process(cluster.proc.pid).children(recursive=True)
+    names = " ".join(p.name() for p in started)
+    assert "raylet" in names and "ServeController" in names, names
+    outcome: list = []
+    first = threading.Event()
+
+    def stream() -> None:
+        tokens = 0
+        try:
+            for chunk in cluster.gen.GenerateStream(make_request("a long answer please", "lora", max_new_tokens=200,
+                                                                 min_new_tokens=200), timeout=120):
+                tokens += len(chunk.token_ids)
+                first.set()
+            outcome.append(("OK", tokens))
+        except grpc.RpcError as e:
+            outcome.append((e.code().name, tokens))
+        first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    ray.shutdown()  # this test's driver leaves the cluster's Ray first
+    cluster.proc.send_signal(signal.SIGTERM)
+    try:
+        code = cluster.proc.wait(STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {STOP_BOUND_S} s after SIGTERM:\n{cluster.log_tail()}")
+    assert code == 0, cluster.log_tail()
+    reader.join(30)
+    assert outcome == [("OK", 200)]  # in flight at SIGTERM: finished within --grace-seconds
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not [p for p in alive if _running(p)], alive
+
+
+def _running(p) -> bool:
+    """Still running (a zombie waiting for init to reap it is not)."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
