@@ -7,10 +7,12 @@ order, so fp32 logits differ from transformers' (BLAS) by ~1e-4 instead of 0; ``
 selects plain ``F.linear``, which CUDA and torch builds without oneDNN always use. The dense
 weight stays the source of truth: merge-on-load edits it, then calls :meth:`Projection.refresh`.
 
-One row (a single stream's decode step) is the exception: there the product is a matrix-vector
-product bound by reading the weight, and MKL's sgemv (``F.linear``) reads it faster than oneDNN's
-packed matmul (1.16-1.2x over the model's projections, 1 thread, see bench/README.md); from two
-rows on oneDNN wins (1.3x at 2 rows, 1.5x at 4).
+One row (a single stream's decode step) on ONE thread is the exception: there the product is a
+matrix-vector product bound by reading the weight, and MKL's sgemv (``F.linear``) reads it faster
+than oneDNN's packed matmul (1.16-1.2x over the model's projections, see bench/README.md). MKL's
+sgemv runs on one thread whatever torch's thread count, though, and with two threads oneDNN's
+packed matmul splits the weight over both (30.3 vs 43.0 ms for the 30 layers' projections at one
+row): so sgemv only where torch runs one thread. From two rows on oneDNN wins (1.3x at 2 rows, 1.5x at 4).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from server.model.cpu_features import detect
 
-# float32 inputs of at most this many rows run MKL's sgemv / sgemm even in oneDNN mode (see above).
+# float32 inputs of at most this many rows run MKL's sgemv / sgemm even in oneDNN mode, when torch
+# runs one thread (see above).
 GEMV_MAX_ROWS = 1
 
 
@@ -56,7 +59,7 @@ class Projection:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_onednn or x.numel() <= self._gemv_in * GEMV_MAX_ROWS:
+        if not self.use_onednn or (x.numel() <= self._gemv_in * GEMV_MAX_ROWS and torch.get_num_threads() == 1):
             return F.linear(x, self.weight, self.bias)
         # [..., in] -> [..., out], dense: the op flattens the leading dimensions itself.
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
