@@ -83,7 +83,7 @@ def test_server_command_threads_slots_and_loras(tmp_path):
     assert flags["-m"] == str(tmp_path / "m.gguf") and flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
     assert base[base.index("-t") + 1] == "2" and base[base.index("-tb") + 1] == "2"
     assert base[base.index("-np") + 1] == "64" and base[base.index("-c") + 1] == str(64 * 165)
-    assert "--kv-unified" in base and "--lora" not in base and "--lora-init-without-apply" not in base
+    assert "--no-kv-unified" in base and "--lora" not in base and "--lora-init-without-apply" not in base
     loras = [tmp_path / f"l{i}.gguf" for i in range(3)]
     cmd = server_command(Path("llama-server"), tmp_path / "m.gguf", 1, 2, 32, 100, loras)
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lora"] == [str(p) for p in loras]  # id i = loras[i]
