@@ -42,8 +42,10 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 def build_adapters(folder: Path, out: Path, n_lora: int, n_prompt: int, n_prefix: int, rank: int,
-                   n_other: int = 8) -> list[str]:
-    """Write adapters in PEFT's own format; one of each kind made by PEFT, the rest re-randomized copies.
+                   n_other: int = 0) -> list[str]:
+    """Write adapters in PEFT's own format; one of each kind made by PEFT, the rest re-randomized copies:
+    `n_lora` LoRA, `n_prompt` prompt tuning, `n_prefix` prefix tuning, and `n_other` each of DoRA, IA3 and
+    LN tuning. Returns their folder names (= adapter ids), in that order.
 
     DoRA magnitudes, IA3 vectors and LN-tuning norms are PEFT's initial values times (1 + 0.02 N(0, 1)).
     """
@@ -223,7 +225,7 @@ def main() -> None:
     scaling = [int(x) for x in args.scaling.split(",")]
     root = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
     n_lora = max(8, *scaling)
-    names = build_adapters(folder, root, n_lora, 4, 4, args.rank)
+    names = build_adapters(folder, root, n_lora, 4, 4, args.rank, n_other=8)
     bottlenecks = build_bottlenecks(folder, root, 8)
     loras = [n for n in names if n.startswith("lora")]
     others = [n for n in names if n.startswith(("prompt", "prefix"))]

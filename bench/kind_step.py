@@ -76,7 +76,7 @@ def main() -> None:
     model = build_model("onednn", "float32", threads=1)
     _, folder = resolve_model_folder("default")
     root = Path(tempfile.mkdtemp(prefix="adapterserve-kind-step-"))
-    names = build_adapters(folder, root, 8, 0, 0, args.rank) + build_bottlenecks(folder, root, 8)
+    names = build_adapters(folder, root, 8, 0, 0, args.rank, n_other=8) + build_bottlenecks(folder, root, 8)
     of = {k: [n for n in names if n.startswith(k + "-")] for k in ("lora", "dora", "ia3", "ln", "bottleneck")}
     loads: dict[str, Load] = {
         "base": [None], "8 LoRA": of["lora"], "8 DoRA": of["dora"], "8 IA3": of["ia3"], "8 LN tuning": of["ln"],

@@ -470,7 +470,7 @@ def main() -> int:
     if names and not (root / f"converted-{outtype}").is_file():
         if not (root / "built").is_file():
             shutil.rmtree(root, ignore_errors=True)
-            build_adapters(folder, root, args.adapters, 0, 0, args.rank, n_other=0)
+            build_adapters(folder, root, args.adapters, 0, 0, args.rank)
             (root / "built").write_text("")
         for n in names:
             convert_lora(tree, root / n, folder, outtype)
