@@ -102,4 +102,14 @@ class ServerProcess:
             except Exception:  # (gone meanwhile)
                 pass
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # a benchmark's figures must not be lost to a slow shutdown
+            print(f"server pid {self.proc.pid} still running {timeout:g} s after SIGTERM: killed with its tree",
+                  flush=True)
+            for p in self._tree():
+                try:
+                    p.kill()
+                except Exception:  # (gone meanwhile)
+                    pass
+            return self.proc.wait()

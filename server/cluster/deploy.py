@@ -34,9 +34,24 @@ INGRESS_ANSWER_S = 10.0
 
 
 #: Ray Serve settings for every process of the application (this process's environment overrides them).
-#: A proxy on a busy host can take longer than Serve's 5 s readiness check to start; three misses
-#: and Serve kills it and ``serve.start`` fails.
-SERVE_ENV_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+#: - A proxy on a busy host can take longer than Serve's 5 s readiness check to start; three misses
+#:   and Serve kills it and ``serve.start`` fails.
+#: - Serve's throughput-optimized mode: user code on the replica's main event loop (no thread hop
+#:   per request and per streamed item), request logs buffered and not copied to
+#:   stderr (they stay in Ray's session log folder), the garbage collector frozen after start. Every
+#:   streamed token crosses two Serve hops, and on a small host their per-item cost is CPU the engine
+#:   loses (bench/README.md: 0.79x of the single server's throughput with it, 0.68x without, same
+#:   run). Its two transport changes stay off: direct ingress (replicas listening on ports of their
+#:   own instead of the proxies on --port / --http-port) and gRPC between deployments (no faster
+#:   here, and replica loss must keep surfacing as Ray's actor errors the ingress maps to UNAVAILABLE);
+#:   handles keep their router on a loop of its own (adapter admin calls them from worker threads).
+SERVE_ENV_DEFAULTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+}
 
 
 def _runtime_env() -> dict[str, Any]:
