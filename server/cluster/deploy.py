@@ -52,6 +52,10 @@ SERVE_ENV_DEFAULTS = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
 }
+#: The same mode for Serve's controller and proxies, which read the Ray processes' own environment
+#: (not the application's runtime env): set for a Ray this process starts (``--address local``), this
+#: process's environment winning. The proxies' router then runs on their main loop too.
+RAY_PROCESS_ENV_DEFAULTS = {k: v for k, v in SERVE_ENV_DEFAULTS.items() if k != "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"}
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -134,6 +138,8 @@ class Cluster:
             return
         kw: dict[str, Any] = {"runtime_env": _runtime_env(), "logging_level": logging.WARNING, **self.ray_init}
         if cfg.address == "local":
+            for key, value in RAY_PROCESS_ENV_DEFAULTS.items():  # inherited by the Ray processes started below
+                os.environ.setdefault(key, value)
             kw.setdefault("include_dashboard", False)
             if cfg.object_store_bytes:
                 kw.setdefault("object_store_memory", cfg.object_store_bytes)
