@@ -15,7 +15,7 @@ from adapterserve.v1 import adapterserve_pb2 as pb
 from tests.peft_reference import make_peft_adapter
 from tests.serving import make_request
 
-KINDS = ["lora", "prompt", "ptuning", "prefix"]
+KINDS = ["lora", "prompt", "ptuning", "prefix", "dora", "ia3", "ln"]  # every PEFT kind the server serves
 PAGE = 4  # small pages: many page boundaries, virtual tokens (6) straddle one
 
 
@@ -24,7 +24,7 @@ def adapter_root(tmp_path_factory, tiny_model_factory):
     base = tiny_model_factory("llama")
     root = tmp_path_factory.mktemp("kv-adapters")
     for i, kind in enumerate(KINDS):
-        extra = {} if kind == "lora" else {"num_virtual_tokens": 6}
+        extra = {"num_virtual_tokens": 6} if kind in ("prompt", "ptuning", "prefix") else {}
         make_peft_adapter(base, root / kind, kind, seed=30 + i, **extra)
     make_peft_adapter(base, root / "lora2", "lora", seed=77, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     return root
@@ -105,7 +105,7 @@ def test_chunked_prefill_equals_one_piece_for_every_kind(start_server, tiny_llam
         for p in prompts:
             assert run(chunked, p, adapter, max_new_tokens=6) == run(whole, p, adapter, max_new_tokens=6), adapter
     # mixed: every kind's long prompt in flight at once, chunks interleaved with decode rows
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(KINDS) + 1) as pool:
         mixed = list(pool.map(lambda a: run(chunked, prompts[0], a, max_new_tokens=6), ["", *KINDS]))
     assert mixed == [run(whole, prompts[0], a, max_new_tokens=6) for a in ["", *KINDS]]
 
@@ -130,7 +130,7 @@ def test_prefix_cache_outputs_equal_cache_off_alone_mixed_after_eviction_and_rep
         label = a or "_base"
         assert counter(on.app, "adapterserve_prefix_cache_tokens_total", adapter=label, result="hit") >= 28, a
     assert counter(on.app, "adapterserve_prefix_cache_pages") > 0
-    with concurrent.futures.ThreadPoolExecutor(10) as pool:  # mixed batches, all kinds at once
+    with concurrent.futures.ThreadPoolExecutor(2 * len(KINDS) + 2) as pool:  # mixed batches, all kinds at once
         jobs = [(a, i) for a in adapters for i in range(2)]
         got = list(pool.map(lambda j: run(on, prompts[j[1]], j[0], max_new_tokens=5), jobs))
     assert got == [ref[j] for j in jobs]
