@@ -48,6 +48,12 @@ class KernelOps:
                                cache.page_size).view(bsz, seq, a.num_heads * a.head_dim)
 
 
+    def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        from server.model.llama import silu_mul
+
+        return silu_mul(gate_up)
+
+
 def kernel_forward(rt: LlamaRuntime, step: StepInput, cache: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
     """Logits [B, V] float32 at each row's last new token ([B, S, V] when `all_logits`), on the kernels."""
     return rt.forward_layers(step, KernelOps(rt, step, cache), all_logits)

@@ -13,6 +13,10 @@ than oneDNN's packed matmul (1.16-1.2x over the model's projections, see bench/R
 sgemv runs on one thread whatever torch's thread count, though, and with two threads oneDNN's
 packed matmul splits the weight over both (30.3 vs 43.0 ms for the 30 layers' projections at one
 row): so sgemv only where torch runs one thread. From two rows on oneDNN wins (1.3x at 2 rows, 1.5x at 4).
+
+Where our CPU kernels are built (server.model.cpu_decode; float32 in oneDNN mode), 1..4 rows take
+their gemv instead, on torch's threads: one FMA pass over the weight at the host's read bandwidth
+(1.4x oneDNN at one row over the 30 layers + lm_head on 2 threads, 1.25x at 2 rows, 1.1x at 4).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from server.model import cpu_decode
 from server.model.cpu_features import detect
 
 # float32 inputs of at most this many rows run MKL's sgemv / sgemm even in oneDNN mode, when torch
@@ -44,12 +49,15 @@ def onednn_usable(device: str, dtype: torch.dtype) -> bool:
 class Projection:
     """y = x @ W^T + b for x [..., in] -> [..., out]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_onednn: bool | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, use_onednn: bool | None = None,
+                 cpu_gemv: bool = False):
         self.weight = weight  # [out, in] dense
         self.bias = bias  # [out] or None
         usable = onednn_usable(str(weight.device.type), weight.dtype)
         self.use_onednn = usable if use_onednn is None else (use_onednn and usable)
         self._gemv_in = weight.shape[1] if weight.dtype == torch.float32 else 0  # [in] when sgemv may take x
+        # Our gemv (server.model.cpu_decode) for a few rows: float32 CPU weights, default mode only.
+        self.cpu_gemv = cpu_gemv and self.use_onednn and weight.dtype == torch.float32 and weight.is_contiguous()
         self.refresh()
 
     def refresh(self) -> None:
@@ -59,6 +67,10 @@ class Projection:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_gemv and x.dtype == torch.float32:
+            y = cpu_decode.gemv(x, self.weight, self.bias)  # None beyond cpu_decode.GEMV_ROWS rows
+            if y is not None:
+                return y
         if not self.use_onednn or (x.numel() <= self._gemv_in * GEMV_MAX_ROWS and torch.get_num_threads() == 1):
             return F.linear(x, self.weight, self.bias)
         # [..., in] -> [..., out], dense: the op flattens the leading dimensions itself.

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from server.model import cpu_decode
 from server.model.attention import StepPositions, paged_attention, rotary_tables, rotate
 from server.model.config import ModelArgs
 from server.model.kernel_dispatch import kernel_forward, kernels_wanted
@@ -124,6 +125,8 @@ class LlamaRuntime:
         self.graphs = None  # CUDA-graph decode runner (CUDA with the kernels and --cuda-graphs on)
         self._fp32_logits_mm = True
         self.use_onednn = matmul == "onednn" and onednn_usable(device, dtype)
+        # Our CPU kernels (server.model.cpu_decode) in the default mode, float32: built here, at start.
+        self.use_cpu_kernels = not self.use_kernels and cpu_decode.wanted(device, dtype, self.use_onednn)
         self.w = weights
         self.device = device
         self.dtype = dtype
@@ -137,16 +140,16 @@ class LlamaRuntime:
         inter = args.intermediate_size
         self.gate_up_slices = {"gate_proj": slice(0, inter), "up_proj": slice(inter, 2 * inter)}
         self.proj = [self._layer_projections(layer) for layer in weights.layers]
-        self.lm_head = Projection(weights.lm_head, use_onednn=self.use_onednn)
+        self.lm_head = Projection(weights.lm_head, use_onednn=self.use_onednn, cpu_gemv=self.use_cpu_kernels)
         if cuda_graphs == "on" and self.use_kernels and str(device).startswith("cuda"):
             from server.model.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
 
     def _layer_projections(self, layer) -> dict[str, Projection]:
-        fast = self.use_onednn
-        return {"qkv": Projection(layer.wqkv, layer.bqkv, fast), "o": Projection(layer.wo, layer.bo, fast),
-                "gate_up": Projection(layer.w_gate_up, use_onednn=fast), "down": Projection(layer.w_down, use_onednn=fast)}
+        fast, gemv = self.use_onednn, self.use_cpu_kernels
+        return {"qkv": Projection(layer.wqkv, layer.bqkv, fast, gemv), "o": Projection(layer.wo, layer.bo, fast, gemv),
+                "gate_up": Projection(layer.w_gate_up, None, fast, gemv), "down": Projection(layer.w_down, None, fast, gemv)}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head over final-normed hidden states h [..., H] -> float32 logits [..., V]; on CUDA in
@@ -212,11 +215,14 @@ class LlamaRuntime:
             if self.graphs is not None and not all_logits and self.graphs.can_run(step, cache):
                 return self.graphs.run(step, cache)
             return kernel_forward(self, step, cache, all_logits)
+        if cpu_decode.decode_step(self, step, cache):  # CPU float32 decode steps: our fused kernels
+            return self.forward_layers(step, cpu_decode.CpuKernelOps(self, step, cache), all_logits)
         return self.forward_layers(step, TorchOps(self, step, cache), all_logits)
 
     def forward_layers(self, step: StepInput, ops: StepOps, all_logits: bool = False) -> torch.Tensor:
         """The layer structure every path shares; `ops` does the attention and the (residual add +) norms:
-        TorchOps here, server.model.kernel_forward.KernelOps on the fused Triton kernels."""
+        TorchOps here, server.model.kernel_forward.KernelOps on the fused Triton kernels,
+        server.model.cpu_decode.CpuKernelOps on our CPU kernels (decode steps)."""
         a, w = self.args, self.w
         x = w.embed[step.input_ids] if step.input_embeds is None else step.input_embeds.to(self.dtype)  # [B, S, H]
         lora = step.lora
@@ -242,8 +248,7 @@ class LlamaRuntime:
             gate_up = proj["gate_up"](h if hooks is None else hooks.scale_input(i, "gate_up", h))  # [B, S, 2*inter]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up  # [B, S, inter]
+            act = ops.mlp_act(gate_up)  # [B, S, inter]
             down = proj["down"](act if hooks is None else hooks.scale_input(i, "down", act))
             if lora is not None:
                 lora.apply(i, "down", act, down)
@@ -272,6 +277,9 @@ class StepOps(Protocol):
         """Rotate the new tokens' q/k of qkv [B, S, q + 2kv], write k/v into the pages of `layer`,
         attend over each row's pages -> [B, S, H*D]."""
 
+    def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for gate_up [B, S, 2*inter] (gate first) -> [B, S, inter]."""
+
 
 class TorchOps:
     """The CPU path (server.model.attention): K/V gathered into a contiguous copy per layer, then SDPA;
@@ -294,3 +302,12 @@ class TorchOps:
         qk = rotate(heads[:, :, :nq + nkv], self.pos.cos, self.pos.sin)  # [B, S, H + Hkv, D]: q and k at once
         return paged_attention(layer, qk[:, :, :nq], qk[:, :, nq:], heads[:, :, nq + nkv:], self.cache,
                                self.pos)  # [B, S, H*D]
+
+    def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_mul(gate_up)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up [..., 2*inter] (gate first) -> [..., inter], torch ops."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

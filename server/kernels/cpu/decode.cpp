@@ -1,0 +1,260 @@
+// CPU decode-step kernels of adapterserve (float32): gemv, residual add + RMSNorm, rotary + KV write +
+// paged attention of one query per row, SiLU(gate) * up.
+//
+// Compiled on the machine that runs it (-O3 -march=native -fopenmp, server/kernels/cpu/loader.py): the
+// compiler's target flags are the feature detection. AVX2+FMA paths where __AVX2__/__FMA__ are defined,
+// plain loops elsewhere. Every op releases the GIL (bindings below) and splits its work over torch's
+// intra-op threads (at::parallel_for, OpenMP).
+//
+// Isolation: attention reads only cache positions 0..start[b] of row b, through its block table; nothing
+// else of the cache (padding, other rows' pages, a NaN left in a reused page) is ever read.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ASV_AVX2 1
+#endif
+
+namespace {
+
+#ifdef ASV_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef ASV_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  s = hsum(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#ifdef ASV_AVX2
+  __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// y[r, o] = x[r, :] . w[o, :] for R rows, OB output rows at a time (the weight row is read once for all R).
+template <int R, int OB>
+void gemv_block(const float* x, int64_t ldx, const float* w, int64_t in, float* y, int64_t ldy, int64_t o0, int64_t o1) {
+  int64_t o = o0;
+#ifdef ASV_AVX2
+  for (; o + OB <= o1; o += OB) {
+    __m256 acc[OB][R];
+    for (int b = 0; b < OB; ++b)
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= in; k += 8) {
+      __m256 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + k);
+      for (int b = 0; b < OB; ++b) {
+        __m256 wv = _mm256_loadu_ps(w + (o + b) * in + k);
+        for (int r = 0; r < R; ++r) acc[b][r] = _mm256_fmadd_ps(wv, xv[r], acc[b][r]);
+      }
+    }
+    for (int b = 0; b < OB; ++b)
+      for (int r = 0; r < R; ++r) {
+        float s = hsum(acc[b][r]);
+        for (int64_t kk = k; kk < in; ++kk) s += w[(o + b) * in + kk] * x[r * ldx + kk];
+        y[r * ldy + o + b] = s;
+      }
+  }
+#endif
+  for (; o < o1; ++o)
+    for (int r = 0; r < R; ++r) y[r * ldy + o] = dot(w + o * in, x + r * ldx, in);
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// x [R, in] (R = 1..4), w [out, in], bias [out] or None -> y [R, out]; parallel over output rows.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [R, in], w [out, in]");
+  const int64_t rows = x.size(0), in = w.size(1), out = w.size(0);
+  TORCH_CHECK(rows >= 1 && rows <= 4, "gemv takes 1 to 4 rows");
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Chunks of >= 64 output rows (~150 KB of weight at in=576) so a thread streams a long run of memory.
+  at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
+    switch (rows) {
+      case 1: gemv_block<1, 4>(xp, in, wp, in, yp, out, o0, o1); break;
+      case 2: gemv_block<2, 4>(xp, in, wp, in, yp, out, o0, o1); break;
+      case 3: gemv_block<3, 2>(xp, in, wp, in, yp, out, o0, o1); break;
+      default: gemv_block<4, 2>(xp, in, wp, in, yp, out, o0, o1); break;
+    }
+  });
+  if (bias.has_value()) {
+    check_f32(*bias, "bias");
+    y.add_(*bias);
+  }
+  return y;
+}
+
+// (x + delta, RMSNorm(x + delta) * weight) for x, delta [N, H] (delta None: x itself), weight [H] or [N, H].
+// The norm as transformers computes it in float32: x * rsqrt(mean(x^2) + eps), then times the weight.
+std::vector<at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                                     const at::Tensor& weight, double eps) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  TORCH_CHECK(x.dim() == 2, "x must be [N, H]");
+  const int64_t n = x.size(0), h = x.size(1);
+  TORCH_CHECK(weight.numel() == h || weight.numel() == n * h, "weight must be [H] or [N, H]");
+  const int64_t wstride = weight.numel() == h ? 0 : h;
+  at::Tensor sum = x;
+  if (delta.has_value()) {
+    check_f32(*delta, "delta");
+    TORCH_CHECK(delta->sizes() == x.sizes(), "delta must match x");
+    sum = at::empty_like(x);
+  }
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* dp = delta.has_value() ? delta->data_ptr<float>() : nullptr;
+  float* sp = sum.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * h;
+      float* sr = sp + r * h;
+      if (dp) {
+        const float* dr = dp + r * h;
+        for (int64_t i = 0; i < h; ++i) sr[i] = xr[i] + dr[i];
+      }
+      const float ms = dot(sr, sr, h) / static_cast<float>(h);
+      const float inv = 1.0f / std::sqrt(ms + static_cast<float>(eps));
+      const float* wr = wp + r * wstride;
+      float* orow = op + r * h;
+      for (int64_t i = 0; i < h; ++i) orow[i] = wr[i] * (sr[i] * inv);
+    }
+  });
+  return {sum, out};
+}
+
+// SiLU(gate) * up for gate_up [N, 2I] (gate first) -> [N, I].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [N, 2I]");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({n, inter}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n * inter, 2048, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / inter, c = i % inter;
+      const float g = gp[r * 2 * inter + c];
+      op[i] = g / (1.0f + std::exp(-g)) * gp[r * 2 * inter + inter + c];
+    }
+  });
+  return out;
+}
+
+// One decode token per row: rotate q and k of qkv [B, (H + 2Hkv) * D] at position start[b], write k, v at
+// cache index start[b] of row b (through block_tables [B, P]) into k_cache / v_cache [slots, Hkv, D], then
+// attend with each query head over the row's entries 0..start[b] -> [B, H * D]. cos/sin [positions, D]
+// (plain sin: rotate-half's signs applied here). GQA: query head h reads KV head h / (H / Hkv).
+at::Tensor rope_attend_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& start, const at::Tensor& block_tables, at::Tensor k_cache,
+                              at::Tensor v_cache, int64_t page_size, int64_t heads, int64_t kv_heads) {
+  check_f32(qkv, "qkv");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  check_f32(k_cache, "k_cache");
+  check_f32(v_cache, "v_cache");
+  TORCH_CHECK(start.scalar_type() == at::kLong && block_tables.scalar_type() == at::kLong, "int64 indices");
+  TORCH_CHECK(start.is_contiguous() && block_tables.is_contiguous(), "contiguous indices");
+  TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  const int64_t bsz = qkv.size(0), dim = k_cache.size(2), half = dim / 2;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * dim, "qkv must be [B, (H + 2Hkv) * D]");
+  TORCH_CHECK(k_cache.size(1) == kv_heads && v_cache.sizes() == k_cache.sizes(), "cache [slots, Hkv, D]");
+  TORCH_CHECK(start.numel() == bsz && block_tables.size(0) == bsz, "one start and block table per row");
+  const int64_t pages = block_tables.size(1), slots = k_cache.size(0), ld = qkv.size(1);
+  const int64_t* sp = start.data_ptr<int64_t>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < bsz; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < cos.size(0) && sp[b] / page_size < pages, "row ", b, ": position out of range");
+    for (int64_t p = 0; p <= sp[b] / page_size; ++p)
+      TORCH_CHECK(bt[b * pages + p] >= 0 && (bt[b * pages + p] + 1) * page_size <= slots, "row ", b, ": bad page id");
+  }
+  at::Tensor q = at::empty({bsz, heads, dim}, qkv.options());  // rotated queries
+  at::Tensor out = at::empty({bsz, heads * dim}, qkv.options());
+  const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *op = out.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  auto slot_of = [&](int64_t b, int64_t t) { return bt[b * pages + t / page_size] * page_size + t % page_size; };
+  // Rotary (x*cos + rotate_half(x)*sin) of q into q, of k straight into the cache; v copied.
+  for (int64_t b = 0; b < bsz; ++b) {
+    const float *c = cp + sp[b] * dim, *s = snp + sp[b] * dim;
+    const int64_t slot = slot_of(b, sp[b]);
+    for (int64_t hh = 0; hh < heads + kv_heads; ++hh) {
+      const float* src = xp + b * ld + hh * dim;
+      float* dst = hh < heads ? qp + (b * heads + hh) * dim : kc + (slot * kv_heads + hh - heads) * dim;
+      for (int64_t i = 0; i < half; ++i) dst[i] = src[i] * c[i] - src[i + half] * s[i];
+      for (int64_t i = half; i < dim; ++i) dst[i] = src[i] * c[i] + src[i - half] * s[i];
+    }
+    std::copy(xp + b * ld + (heads + kv_heads) * dim, xp + b * ld + (heads + 2 * kv_heads) * dim,
+              vc + slot * kv_heads * dim);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, bsz * heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / heads, hh = i % heads, g = hh / group, len = sp[b] + 1;
+      const float* qv = qp + i * dim;
+      scores.resize(len);
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < len; ++t) {
+        scores[t] = dot(qv, kc + (slot_of(b, t) * kv_heads + g) * dim, dim) * scale;
+        mx = std::max(mx, scores[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < len; ++t) total += (scores[t] = std::exp(scores[t] - mx));
+      float* o = op + i * dim;
+      std::fill(o, o + dim, 0.f);
+      const float inv = 1.0f / total;
+      for (int64_t t = 0; t < len; ++t) axpy(o, scores[t] * inv, vc + (slot_of(b, t) * kv_heads + g) * dim, dim);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adapterserve CPU decode kernels (float32)";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gemv", &gemv, "y [R, out] = x [R, in] @ w [out, in]^T (+ bias), R = 1..4", py::arg("x"), py::arg("w"),
+        py::arg("bias") = py::none(), nogil);
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta) * weight)", py::arg("x"), py::arg("delta"),
+        py::arg("weight"), py::arg("eps"), nogil);
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of gate_up [N, 2I]", nogil);
+  m.def("rope_attend_decode", &rope_attend_decode, "rotary + KV write + paged attention, one token per row", nogil);
+}

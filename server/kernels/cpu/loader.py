@@ -1,0 +1,77 @@
+"""Build and load the CPU decode kernels (decode.cpp) on first use.
+
+The extension is compiled on the machine that runs it, with ``-O3 -march=native -fopenmp``: the
+compiler's target flags are the feature detection (AVX2+FMA code where the CPU has it, plain loops
+elsewhere). The build directory is keyed on the source, the CPU (model name and flags), torch and
+Python, under ``<cache>/torch_extensions/<hash>`` (``<cache>`` as the default model's:
+``$ADAPTERSERVE_CACHE_DIR`` or ``~/.cache/adapterserve``), so a later start on the same machine
+loads the built library in well under a second, and another CPU builds its own.
+
+If the build fails (no compiler, no ninja, a header mismatch) :func:`load_decode_kernels` logs one
+warning and returns None; the runtime then keeps its torch path. Any thread; the first call builds
+under a lock, later calls return the loaded module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("adapterserve.model")
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _cpu_key() -> str:
+    """The CPU's model name and flags (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+def build_dir() -> Path:
+    """Where this machine's build of decode.cpp lives."""
+    from server.model.default_model import default_cache_dir
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), _cpu_key().encode(), torch.__version__.encode(), sys.version.encode(),
+                 " ".join(CFLAGS).encode()):
+        key.update(part)
+    return default_cache_dir() / "torch_extensions" / key.hexdigest()[:16]
+
+
+def load_decode_kernels() -> ModuleType | None:
+    """The compiled kernels module (gemv, add_rms_norm, silu_mul, rope_attend_decode), or None when it
+    cannot be built here (one warning line; callers keep the torch path)."""
+    with _lock:
+        if "decode" in _loaded:
+            return _loaded["decode"]
+        module = None
+        try:
+            if os.environ.get("ADAPTERSERVE_CPU_KERNELS", "1") == "0":
+                raise RuntimeError("disabled by ADAPTERSERVE_CPU_KERNELS=0")
+            from torch.utils.cpp_extension import load
+
+            directory = build_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            module = load(name="adapterserve_cpu_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                          extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: keep the torch path
+            log.warning("CPU decode kernels unavailable, using the torch path: %s", str(exc).splitlines()[0][:300]
+                        if str(exc) else type(exc).__name__)
+        _loaded["decode"] = module
+        return module

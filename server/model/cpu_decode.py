@@ -1,0 +1,103 @@
+"""The CPU decode path on our own kernels (server/kernels/cpu/decode.cpp), float32, ``--matmul onednn``.
+
+At a decode step (every row adds one token) a CPU step was bound by two things: the projections read
+at oneDNN's packed-matmul rate at one row, and ~38 small eager torch ops per layer plus Python
+between them. Here:
+
+- :func:`gemv`: the projections and lm_head for 1..``GEMV_ROWS`` rows, one FMA pass over the weight,
+  split over torch's threads (``server.model.linear.Projection`` routes to it);
+- :class:`CpuKernelOps`: ``llama.StepOps`` on fused per-row kernels: residual add + RMSNorm in one
+  pass, rotary + K/V write into the pages + attention of each row's query over its own pages (no
+  gather copy), SiLU(gate) * up.
+
+Adapter hooks are untouched: the ops take and return torch tensors between projections, so LoRA,
+IA3, DoRA, LN tuning, prefixes and bottleneck rows work as on the torch path. The exact mode
+(``--matmul blas``), prefill steps and other dtypes keep the torch path. If the extension cannot
+be built here, one warning is logged and everything keeps the torch path.
+
+Switches (module attributes, read at every call; ``bench.decode_step --ab`` flips them):
+``FUSED_OPS`` (CpuKernelOps at decode steps) and ``GEMV_ROWS`` (0 = never our gemv).
+
+Thread domain: the engine thread (like every forward); the kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from server.model.llama import LlamaRuntime, PagedKVCache, StepInput
+
+FUSED_OPS = True  # decode steps through CpuKernelOps
+GEMV_ROWS = 4  # float32 projections of at most this many rows through our gemv (0: never)
+
+_kernels: ModuleType | None = None
+_tried = False
+
+
+def kernels() -> ModuleType | None:
+    """The compiled kernels module, built on first call; None when it cannot be built (warned once)."""
+    global _kernels, _tried
+    if not _tried:
+        from server.kernels.cpu import load_decode_kernels
+
+        _kernels, _tried = load_decode_kernels(), True
+    return _kernels
+
+
+def wanted(device: str, dtype: torch.dtype, use_onednn: bool) -> bool:
+    """Whether a runtime should use our CPU kernels: CPU, float32, the default (oneDNN) matmul mode
+    (the exact mode stays on transformers' own kernels), and the extension builds here."""
+    return str(device) == "cpu" and dtype == torch.float32 and use_onednn and kernels() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] when x has 1..GEMV_ROWS rows, else None."""
+    rows = x.numel() // weight.shape[1]
+    if rows > GEMV_ROWS or rows == 0 or _kernels is None:
+        return None
+    y = _kernels.gemv(x.reshape(rows, -1).contiguous(), weight, bias)  # [R, out]
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def decode_step(rt: LlamaRuntime, step: StepInput, cache: PagedKVCache) -> bool:
+    """Whether CpuKernelOps can take `step`: one new token per row, float32 cache, kernels built."""
+    shape = step.input_ids.shape if step.input_ids is not None else step.input_embeds.shape
+    return (FUSED_OPS and rt.use_cpu_kernels and shape[1] == 1 and cache.k[0].dtype == torch.float32
+            and _kernels is not None)
+
+
+class CpuKernelOps:
+    """llama.StepOps on our fused CPU kernels, for decode steps (S == 1): nothing is precomputed per
+    step, the attention kernel reads each row's positions through its block table."""
+
+    def __init__(self, rt: LlamaRuntime, step: StepInput, cache: PagedKVCache):
+        self.rt, self.cache = rt, cache
+        self.k = _kernels
+        self.eps = rt.args.rms_norm_eps
+        self.start = step.start.contiguous()  # [B] int64: the new token's cache index = rotary position
+        self.tables = step.block_tables.contiguous()  # [B, P]
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                 weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape  # [B, 1, H]
+        flat = x.reshape(-1, shape[-1]).contiguous()  # [B, H]
+        d = None if delta is None else delta.reshape(flat.shape).contiguous()
+        w = weight.reshape(-1, shape[-1]) if weight.dim() > 1 else weight  # [H] or per row [B, H]
+        total, normed = self.k.add_rms_norm(flat, d, w.contiguous(), self.eps)
+        return total.view(shape), normed.view(shape)
+
+    def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        a = self.rt.args
+        bsz = qkv.shape[0]
+        out = self.k.rope_attend_decode(qkv.reshape(bsz, -1).contiguous(), self.rt.cos, self.rt.sin, self.start,
+                                        self.tables, self.cache.k[layer], self.cache.v[layer], self.cache.page_size,
+                                        a.num_heads, a.num_kv_heads)  # [B, H*D]
+        return out.view(bsz, 1, -1)
+
+    def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        shape = gate_up.shape  # [B, 1, 2I]
+        return self.k.silu_mul(gate_up.reshape(-1, shape[-1]).contiguous()).view(*shape[:-1], shape[-1] // 2)
