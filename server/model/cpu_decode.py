@@ -56,11 +56,9 @@ def wanted(device: str, dtype: torch.dtype, use_onednn: bool) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] when x has 1..GEMV_ROWS rows, else None."""
-    rows = x.numel() // weight.shape[1]
-    if rows > GEMV_ROWS or rows == 0 or _kernels is None:
+    if _kernels is None or not 0 < x.numel() <= weight.shape[1] * GEMV_ROWS:
         return None
-    y = _kernels.gemv(x.reshape(rows, -1).contiguous(), weight, bias)  # [R, out]
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _kernels.gemv(x, weight, bias)
 
 
 def decode_step(rt: LlamaRuntime, step: StepInput, cache: PagedKVCache) -> bool:
@@ -80,24 +78,18 @@ class CpuKernelOps:
         self.eps = rt.args.rms_norm_eps
         self.start = step.start.contiguous()  # [B] int64: the new token's cache index = rotary position
         self.tables = step.block_tables.contiguous()  # [B, P]
+        self.heads, self.kv_heads = rt.args.num_heads, rt.args.num_kv_heads
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape  # [B, 1, H]
-        flat = x.reshape(-1, shape[-1]).contiguous()  # [B, H]
-        d = None if delta is None else delta.reshape(flat.shape).contiguous()
-        w = weight.reshape(-1, shape[-1]) if weight.dim() > 1 else weight  # [H] or per row [B, H]
-        total, normed = self.k.add_rms_norm(flat, d, w.contiguous(), self.eps)
-        return total.view(shape), normed.view(shape)
+        # x, delta [B, 1, H]; weight [H] or per row [B, 1, H] -> ([B, 1, H], [B, 1, H])
+        total, normed = self.k.add_rms_norm(x, delta, weight, self.eps)
+        return total, normed
 
     def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        a = self.rt.args
-        bsz = qkv.shape[0]
-        out = self.k.rope_attend_decode(qkv.reshape(bsz, -1).contiguous(), self.rt.cos, self.rt.sin, self.start,
-                                        self.tables, self.cache.k[layer], self.cache.v[layer], self.cache.page_size,
-                                        a.num_heads, a.num_kv_heads)  # [B, H*D]
-        return out.view(bsz, 1, -1)
+        # qkv [B, 1, (H + 2Hkv) * D] -> [B, 1, H * D]
+        return self.k.rope_attend_decode(qkv, self.rt.cos, self.rt.sin, self.start, self.tables, self.cache.k[layer],
+                                         self.cache.v[layer], self.cache.page_size, self.heads, self.kv_heads)
 
     def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        shape = gate_up.shape  # [B, 1, 2I]
-        return self.k.silu_mul(gate_up.reshape(-1, shape[-1]).contiguous()).view(*shape[:-1], shape[-1] // 2)
+        return self.k.silu_mul(gate_up)  # [B, 1, 2I] -> [B, 1, I]
