@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from server.model.llama import LlamaRuntime, PagedKVCache, StepInput
 
 FUSED_OPS = True  # decode steps through CpuKernelOps
-GEMV_ROWS = 4  # float32 projections of at most this many rows through our gemv (0: never)
+GEMV_ROWS = 8  # float32 projections of at most this many rows through our gemv (0: never; the kernel takes 16)
 
 _kernels: ModuleType | None = None
 _tried = False
@@ -56,7 +56,7 @@ def wanted(device: str, dtype: torch.dtype, use_onednn: bool) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] when x has 1..GEMV_ROWS rows, else None."""
-    if _kernels is None or not 0 < x.numel() <= weight.shape[1] * GEMV_ROWS:
+    if _kernels is None or not 0 < x.numel() <= weight.shape[1] * min(GEMV_ROWS, 16):
         return None
     return _kernels.gemv(x, weight, bias)
 

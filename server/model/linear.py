@@ -14,9 +14,10 @@ sgemv runs on one thread whatever torch's thread count, though, and with two thr
 packed matmul splits the weight over both (30.3 vs 43.0 ms for the 30 layers' projections at one
 row): so sgemv only where torch runs one thread. From two rows on oneDNN wins (1.3x at 2 rows, 1.5x at 4).
 
-Where our CPU kernels are built (server.model.cpu_decode; float32 in oneDNN mode), 1..4 rows take
+Where our CPU kernels are built (server.model.cpu_decode; float32 in oneDNN mode), 1..8 rows take
 their gemv instead, on torch's threads: one FMA pass over the weight at the host's read bandwidth
-(1.4x oneDNN at one row over the 30 layers + lm_head on 2 threads, 1.25x at 2 rows, 1.1x at 4).
+(over the 30 layers + lm_head, 1 thread, CPU clock: 1.13x oneDNN at 1 row, 1.35x at 4, 1.11x at 8,
+even at 12-16; 2 threads, wall: 1.4-1.6x at 1-4 rows, 1.28x at 8; bench/README.md).
 """
 
 from __future__ import annotations

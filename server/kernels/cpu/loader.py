@@ -54,6 +54,13 @@ def build_dir() -> Path:
     return default_cache_dir() / "torch_extensions" / key.hexdigest()[:16]
 
 
+def _reason(exc: Exception) -> str:
+    """One line saying why the build failed: the compiler's first error line when there is one."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    errors = [ln for ln in lines if "error" in ln.lower() and ln is not lines[0]]
+    return " / ".join(line.strip() for line in [lines[0], *errors[:1]])[:400]
+
+
 def load_decode_kernels() -> ModuleType | None:
     """The compiled kernels module (gemv, add_rms_norm, silu_mul, rope_attend_decode), or None when it
     cannot be built here (one warning line; callers keep the torch path)."""
@@ -71,7 +78,6 @@ def load_decode_kernels() -> ModuleType | None:
             module = load(name="adapterserve_cpu_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                           extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means: keep the torch path
-            log.warning("CPU decode kernels unavailable, using the torch path: %s", str(exc).splitlines()[0][:300]
-                        if str(exc) else type(exc).__name__)
+            log.warning("CPU decode kernels unavailable, using the torch path: %s", _reason(exc))
         _loaded["decode"] = module
         return module
