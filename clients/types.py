@@ -221,6 +221,7 @@ class Kernels:
     native_bf16: bool = False
     onednn_bf16: bool = False
     note: str = ""
+    decode: str = ""  # CPU decode-step kernels: "ours", "torch", or "" (not CPU float32 oneDNN)
 
 
 @dataclass
@@ -253,5 +254,5 @@ class ModelInfo:
                 lim.max_virtual_tokens, lim.max_resident_adapters,
             ),
             kernels=Kernels(k.matmul, k.dtype, k.kv_dtype, k.cpu_capability, list(k.cpu_features), k.native_bf16,
-                            k.onednn_bf16, k.note),
+                            k.onednn_bf16, k.note, k.decode),
         )

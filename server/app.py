@@ -83,7 +83,8 @@ class ServerApp:
             kv_allocation=cfg.kv_allocation, metrics=self.metrics, watchdog_seconds=cfg.watchdog_seconds)
         runtime = self.model.runtime
         self.kernels: KernelReport = kernel_report(cfg.device, runtime.dtype, self.engine.cache.k[0].dtype,
-                                                   runtime.use_onednn, runtime.use_kernels, cfg.matmul, detect())
+                                                   runtime.use_onednn, runtime.use_kernels, cfg.matmul, detect(),
+                                                   runtime.use_cpu_kernels)
         log.info(self.kernels.log_line())
         if self.kernels.note:
             log.warning("--dtype %s: %s", cfg.dtype, self.kernels.note)

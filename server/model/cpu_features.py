@@ -87,10 +87,14 @@ class KernelReport:
     native_bf16: bool
     onednn_bf16: bool
     note: str  # why, when the choice is not the fast path for the request; "" otherwise
+    # CPU decode steps: "ours" (server/kernels/cpu: gemv up to a few rows, fused decode ops), "torch" (oneDNN
+    # packed matmul + torch ops), or "" (not a CPU float32 oneDNN runtime). Start log only.
+    decode: str = ""
 
     def log_line(self) -> str:
         cpu = f"{self.cpu_capability} [{' '.join(self.cpu_features) or 'no flags read'}]"
-        return (f"kernels: matmul={self.matmul} dtype={self.dtype} kv={self.kv_dtype}; cpu {cpu}, "
+        decode = f" decode={self.decode}" if self.decode else ""
+        return (f"kernels: matmul={self.matmul} dtype={self.dtype} kv={self.kv_dtype}{decode}; cpu {cpu}, "
                 f"native bf16 {'yes' if self.native_bf16 else 'no'}, oneDNN bf16 {'yes' if self.onednn_bf16 else 'no'}")
 
 
@@ -99,9 +103,9 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def kernel_report(device: str, dtype: torch.dtype, kv_dtype: torch.dtype, use_onednn: bool, use_kernels: bool,
-                  matmul_flag: str, cpu: CpuFeatures) -> KernelReport:
-    """Name the kernels a runtime chose (`use_onednn`, `use_kernels` as it decided them) and say why
-    when ``--dtype bfloat16``/``float16`` on CPU does not get hardware dot products."""
+                  matmul_flag: str, cpu: CpuFeatures, cpu_kernels: bool = False) -> KernelReport:
+    """Name the kernels a runtime chose (`use_onednn`, `use_kernels`, `cpu_kernels` as it decided them) and
+    say why when ``--dtype bfloat16``/``float16`` on CPU does not get hardware dot products."""
     if str(device).startswith("cuda"):
         matmul = "triton" if use_kernels else "cublas"
     else:
@@ -119,6 +123,9 @@ def kernel_report(device: str, dtype: torch.dtype, kv_dtype: torch.dtype, use_on
             note = "oneDNN unavailable in this torch build: bf16 matmuls take torch's generic kernels"
         elif dtype == torch.float16:
             note = "float16 on CPU: torch's generic kernels (no oneDNN fp16 path is chosen); --dtype float32 is faster"
+    decode = ""
+    if not str(device).startswith("cuda") and use_onednn and dtype == torch.float32:
+        decode = "ours" if cpu_kernels else "torch"
     return KernelReport(matmul=matmul, dtype=_name(dtype), kv_dtype=_name(kv_dtype),
                         cpu_capability=cpu.capability, cpu_features=cpu.flag_list(), native_bf16=cpu.native_bf16,
-                        onednn_bf16=cpu.onednn_bf16, note=note)
+                        onednn_bf16=cpu.onednn_bf16, note=note, decode=decode)

@@ -265,7 +265,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., version: _Optional[str] = ..., kernels: _Optional[_Union[Kernels, _Mapping]] = ...) -> None: ...
 
 class Kernels(_message.Message):
-    __slots__ = ("matmul", "dtype", "kv_dtype", "cpu_capability", "cpu_features", "native_bf16", "onednn_bf16", "note")
+    __slots__ = ("matmul", "dtype", "kv_dtype", "cpu_capability", "cpu_features", "native_bf16", "onednn_bf16", "note", "decode")
     MATMUL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class Kernels(_message.Message):
     NATIVE_BF16_FIELD_NUMBER: _ClassVar[int]
     ONEDNN_BF16_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     matmul: str
     dtype: str
     kv_dtype: str
@@ -282,7 +283,8 @@ class Kernels(_message.Message):
     native_bf16: bool
     onednn_bf16: bool
     note: str
-    def __init__(self, matmul: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., cpu_capability: _Optional[str] = ..., cpu_features: _Optional[_Iterable[str]] = ..., native_bf16: _Optional[bool] = ..., onednn_bf16: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    decode: str
+    def __init__(self, matmul: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., cpu_capability: _Optional[str] = ..., cpu_features: _Optional[_Iterable[str]] = ..., native_bf16: _Optional[bool] = ..., onednn_bf16: _Optional[bool] = ..., note: _Optional[str] = ..., decode: _Optional[str] = ...) -> None: ...
 
 class AdapterFiles(_message.Message):
     __slots__ = ("config_json", "safetensors")
