@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import pytest
 import torch
@@ -137,6 +138,18 @@ def test_only_the_default_mode_in_float32_takes_the_kernels(kern, tiny_model_fac
     assert not load_model(folder, dtype="bfloat16").runtime.use_cpu_kernels
 
 
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = stale.stat().st_mtime - loader.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    loader._clear_stale_lock(stale)  # left by a build that was killed: later builds would wait forever
+    loader._clear_stale_lock(fresh)  # another process is building right now
+    loader._clear_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()
+
+
 def test_build_failure_logs_once_and_the_runtime_serves_on_the_torch_path(tiny_model_factory, monkeypatch, caplog):
     import torch.utils.cpp_extension
 
@@ -150,6 +163,10 @@ def test_build_failure_logs_once_and_the_runtime_serves_on_the_torch_path(tiny_m
         assert loader.load_decode_kernels() is None  # remembered: one warning, not one per call
     warnings = [r for r in caplog.records if "CPU decode kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
+
+    monkeypatch.setattr(loader, "_loaded", {})
+    monkeypatch.setenv("ADAPTERSERVE_CPU_KERNELS", "0")  # switched off by the operator: the same fallback
+    assert loader.load_decode_kernels() is None
 
     monkeypatch.setattr(cpu_decode, "_kernels", None)  # as after a failed build at start
     monkeypatch.setattr(cpu_decode, "_tried", True)

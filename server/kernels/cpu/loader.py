@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +30,7 @@ log = logging.getLogger("adapterserve.model")
 
 SOURCE = Path(__file__).with_name("decode.cpp")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (a build takes ~40 s)
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 
@@ -54,6 +56,17 @@ def build_dir() -> Path:
     return default_cache_dir() / "torch_extensions" / key.hexdigest()[:16]
 
 
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's build lock (a file) outlives a process killed while building, and every later build would
+    wait on it forever: remove it once it is far older than a build takes."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed a stale CPU kernel build lock: %s", lock)
+    except FileNotFoundError:
+        pass
+
+
 def _reason(exc: Exception) -> str:
     """One line saying why the build failed: the compiler's first error line when there is one."""
     lines = str(exc).splitlines() or [type(exc).__name__]
@@ -75,6 +88,7 @@ def load_decode_kernels() -> ModuleType | None:
 
             directory = build_dir()
             directory.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(directory / "lock")
             module = load(name="adapterserve_cpu_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                           extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means: keep the torch path
