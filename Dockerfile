@@ -12,11 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# g++ and ninja: the CPU decode kernels (server/kernels/cpu) are compiled for the CPU that runs them
-# (-march=native), at build time for this host and again at first start on a CPU with other flags.
-# Without them the server logs one warning and decodes on its torch path.
+# g++ (ninja comes from pip): the CPU decode kernels (server/kernels/cpu) are compiled for the CPU that
+# runs them (-march=native), at build time for this host and again at first start on a CPU with other
+# flags. Without a compiler the server logs one warning and decodes on its torch path.
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build \
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # CPU build of torch first so the project install never pulls a CUDA wheel.
