@@ -48,6 +48,23 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#ifdef ASV_AVX2
+// Four dot products of q with k0..k3 (n a multiple of 8) at once: independent FMA chains, one shared
+// horizontal reduction -> [q.k0, q.k1, q.k2, q.k3].
+inline __m128 dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+#endif
+
 inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
   int64_t i = 0;
 #ifdef ASV_AVX2
@@ -56,6 +73,56 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a * x
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
 }
+
+// s[i] = exp(s[i] - mx) for i < n; returns their sum. AVX2: Cephes' expf polynomial (~1e-7 relative error),
+// NaN propagates (the clamps keep x as the operand that wins on NaN).
+inline float exp_shifted(float* s, int64_t n, float mx) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef ASV_AVX2
+  const __m256 vmx = _mm256_set1_ps(mx), hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + i), vmx);
+    x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, half));
+    x = _mm256_fnmadd_ps(fx, c1, x);
+    x = _mm256_fnmadd_ps(fx, c2, x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, one));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(s + i, y);
+    acc = _mm256_add_ps(acc, y);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += (s[i] = std::exp(s[i] - mx));
+  return total;
+}
+
+#ifdef ASV_AVX2
+// o[0..8*NV) = sum_t p[t] * v(t)[0..8*NV), the output kept in registers (head_dim = 8 * NV).
+template <int NV>
+void weighted_sum(float* o, const float* p, int64_t len, const float* v, const int64_t* off, float inv) {
+  __m256 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256 pt = _mm256_set1_ps(p[t]);
+    const float* vt = v + off[t];
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+  }
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], vinv));
+}
+#endif
 
 // y[r, o] = x[r, :] . w[o, :] for R rows, OB output rows at a time (the weight row is read once for all R).
 // PF: prefetch the next block's weight rows (below pf_end) while reading this block's (1.2x at 2 rows, 1.4x at
@@ -280,16 +347,30 @@ at::Tensor rope_attend_decode(const at::Tensor& qkv_in, const at::Tensor& cos, c
       const float* qv = qp + i * dim;
       const int64_t* off = offs.data() + first[b];
       scores.resize(len);
+      const float* kg = kc + g * dim;  // KV head g of slot offset 0
+      int64_t t = 0;
+#ifdef ASV_AVX2
+      if (dim % 8 == 0)
+        for (; t + 4 <= len; t += 4)
+          _mm_storeu_ps(scores.data() + t, _mm_mul_ps(dot4(qv, kg + off[t], kg + off[t + 1], kg + off[t + 2],
+                                                           kg + off[t + 3], dim), _mm_set1_ps(scale)));
+#endif
+      for (; t < len; ++t) scores[t] = dot(qv, kg + off[t], dim) * scale;
       float mx = -INFINITY;
-      for (int64_t t = 0; t < len; ++t) {
-        scores[t] = dot(qv, kc + off[t] + g * dim, dim) * scale;
-        mx = std::max(mx, scores[t]);
-      }
-      float total = 0.f;
-      for (int64_t t = 0; t < len; ++t) total += (scores[t] = std::exp(scores[t] - mx));
+      for (t = 0; t < len; ++t) mx = std::max(mx, scores[t]);
+      const float inv = 1.0f / exp_shifted(scores.data(), len, mx);
       float* o = op + i * dim;
+#ifdef ASV_AVX2
+      if (dim == 64) {
+        weighted_sum<8>(o, scores.data(), len, vc + g * dim, off, inv);
+        continue;
+      }
+      if (dim == 128) {
+        weighted_sum<16>(o, scores.data(), len, vc + g * dim, off, inv);
+        continue;
+      }
+#endif
       std::fill(o, o + dim, 0.f);
-      const float inv = 1.0f / total;
       for (int64_t t = 0; t < len; ++t) axpy(o, scores[t] * inv, vc + off[t] + g * dim, dim);
     }
   });
