@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -67,6 +68,21 @@ def _clear_stale_lock(lock: Path) -> None:
         pass
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH: when PATH has none, add the pip package's binary (a
+    dependency of the project) and the interpreter's own bin folder, as an unactivated venv needs."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    os.environ["PATH"] = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
+
+
 def _reason(exc: Exception) -> str:
     """One line saying why the build failed: the compiler's first error line when there is one."""
     lines = str(exc).splitlines() or [type(exc).__name__]
@@ -86,6 +102,7 @@ def load_decode_kernels() -> ModuleType | None:
                 raise RuntimeError("disabled by ADAPTERSERVE_CPU_KERNELS=0")
             from torch.utils.cpp_extension import load
 
+            _ninja_on_path()
             directory = build_dir()
             directory.mkdir(parents=True, exist_ok=True)
             _clear_stale_lock(directory / "lock")
