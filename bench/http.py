@@ -29,7 +29,7 @@ import grpc
 
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from bench.adapters import build_adapters, register
-from bench.load import LoadResult, grpc_request, markdown_table, run_streams
+from bench.load import LoadResult, markdown_table, run_grpc_load, run_streams
 from bench.server_process import ServerProcess, free_port
 from bench.serving import chat_prompts
 
@@ -53,17 +53,6 @@ async def run_openai_load(client, prompts: list[str], adapters: list[str], max_n
                 yield chunk.usage.completion_tokens - counted
 
     return await run_streams(stream, len(prompts), concurrency, (openai.APIError,))
-
-
-async def run_grpc_load(stub: pb_grpc.GenerationServiceStub, prompts: list[str], adapters: list[str],
-                        max_new: int, concurrency: int) -> LoadResult:
-    """bench.load.run_load's gRPC load over an existing channel's `stub`."""
-    async def stream(i: int) -> AsyncIterator[int]:
-        async for chunk in stub.GenerateStream(grpc_request(prompts[i], adapters[i % len(adapters)], max_new),
-                                               timeout=600):
-            yield len(chunk.token_ids)
-
-    return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,))
 
 
 def server_ttft(metrics_url: str) -> dict[str, tuple[float, float]]:

@@ -127,13 +127,19 @@ async def run_load(target: str, prompts: list[str] | list[list[int]], adapters: 
     `timeout`: see run_streams (None: a request past the 600 s gRPC deadline counts as an error)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
+        return await run_grpc_load(stub, prompts, adapters, max_new, concurrency, timeout)
 
-        async def stream(i: int) -> AsyncIterator[int]:
-            req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
-            async for chunk in stub.GenerateStream(req, timeout=600 if timeout is None else timeout + 30):
-                yield len(chunk.token_ids)
 
-        return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)
+async def run_grpc_load(stub: pb_grpc.GenerationServiceStub, prompts: list[str] | list[list[int]],
+                        adapters: list[str], max_new: int, concurrency: int,
+                        timeout: float | None = None) -> LoadResult:
+    """:func:`run_load` over an existing channel's `stub` (a client kept across loads)."""
+    async def stream(i: int) -> AsyncIterator[int]:
+        req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
+        async for chunk in stub.GenerateStream(req, timeout=600 if timeout is None else timeout + 30):
+            yield len(chunk.token_ids)
+
+    return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)
 
 
 def median(xs: list[float]) -> float:

@@ -47,7 +47,6 @@ class KernelOps:
         return paged_attention(q, cache.k[layer], cache.v[layer], step.block_tables, step.start, step.lengths,
                                cache.page_size).view(bsz, seq, a.num_heads * a.head_dim)
 
-
     def mlp_act(self, gate_up: torch.Tensor) -> torch.Tensor:
         from server.model.llama import silu_mul
 
