@@ -43,6 +43,7 @@ from server.engine.engine import Engine
 from server.metrics import ServerMetrics
 from server.model.cpu_features import KernelReport, detect, kernel_report
 from server.model.loader import LoadedModel, load_model
+from server.model.omp import TeamlessExecutor, release_team
 
 log = logging.getLogger("adapterserve")
 
@@ -107,6 +108,7 @@ class ServerApp:
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        release_team()  # this thread built the model and the KV cache; decoding is the engine thread's (model/omp.py)
 
     # ------------------------------------------------------------------ building
     def model_info(self) -> pb.ModelInfo:
@@ -150,6 +152,9 @@ class ServerApp:
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         self.port = add_listen_port(server, f"{cfg.host}:{cfg.port}", cfg)
         loop = asyncio.get_running_loop()
+        # Adapter loads and preloads run torch ops in executor workers: each gives back the OpenMP
+        # pool it made, so the engine thread's team stays the only one (server/model/omp.py).
+        loop.set_default_executor(TeamlessExecutor(thread_name_prefix="adapterserve-worker"))
         self.engine.on_failure.append(lambda reason: asyncio.run_coroutine_threadsafe(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), loop))
         self.engine.start()
@@ -166,6 +171,7 @@ class ServerApp:
         self._stopped = asyncio.Event()
         log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%s)", self.model.name, cfg.host, self.port,
                  self.http_port, self.metrics_port)
+        release_team()  # the event loop's thread, if it ran torch ops while starting
         self._ready.set()
         await self._stopped.wait()
 

@@ -24,6 +24,7 @@ import threading
 from server.adapters.catalog import AdapterCatalog
 from server.adapters.entry import AdapterEntry, AdapterExistsError, AdapterNotFoundError
 from server.adapters.store import AdapterStore, check_store_id
+from server.model.omp import TeamlessExecutor
 
 __all__ = ["LazyAdapters"]
 
@@ -39,7 +40,7 @@ class LazyAdapters:
         self.catalog = catalog
         self.store = store
         self.loads = 0  # store reads started (at most one per id at a time), for tests
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="adapterserve-lazy")
+        self._pool = TeamlessExecutor(threads, thread_name_prefix="adapterserve-lazy")
         self._inflight: dict[str, concurrent.futures.Future[AdapterEntry]] = {}
         self._lock = threading.Lock()
 

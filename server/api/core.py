@@ -15,7 +15,6 @@ over by an :class:`EventPump`).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import threading
@@ -33,6 +32,7 @@ from server.api.validation import Limits, adapter_mix, prompt_ids, sampling
 from server.engine.engine import Engine
 from server.engine.request import ErrorEvent, FinishEvent, Request, TokenEvent
 from server.metrics import OTHER_LABEL, ServerMetrics
+from server.model.omp import TeamlessExecutor
 from server.model.tokenizer import Tokenizer
 from server.request_log import log_request
 
@@ -192,7 +192,7 @@ class GenerationCore:
         # Tokenizing a prompt (a 30k-character one takes tens of ms) and naming logprob tokens run here,
         # never on the event loop: other streams' messages and health checks go on meanwhile. Its own
         # pool, so adapter registrations waiting in the default executor never hold up tokenization.
-        self.text_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="adapterserve-text")
+        self.text_pool = TeamlessExecutor(2, thread_name_prefix="adapterserve-text")
         self.active = 0  # started generations not yet recorded
         self._idle: asyncio.Event | None = None
 
