@@ -22,6 +22,7 @@ class LoadResult:
     ttft_s: list[float]
     tpot_s: list[float]
     errors: int
+    first_error: str = ""  # repr of the first request's error, for the bench's message
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,7 +63,7 @@ async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: in
     it the whole load ends with RequestTimeout, the other requests cancelled: a stuck server is an
     error, never a hang.
     """
-    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0}
+    out = {"tokens": 0, "ttft": [], "tpot": [], "errors": 0, "first_error": ""}
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
@@ -81,8 +82,9 @@ async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: in
                     raise
                 raise RequestTimeout(f"request {i} of {n_requests} ({concurrency} in flight) not complete within "
                                      f"{timeout:g} s ({n} tokens so far)") from None
-            except errors:
+            except errors as e:
                 out["errors"] += 1
+                out["first_error"] = out["first_error"] or f"request {i}: {e!r}"
                 return
             end = time.perf_counter()
             out["tokens"] += n
@@ -101,7 +103,7 @@ async def run_streams(open_stream: TokenStream, n_requests: int, concurrency: in
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     wall = time.perf_counter() - t0
-    return LoadResult(n_requests, out["tokens"], wall, out["ttft"], out["tpot"], out["errors"])
+    return LoadResult(n_requests, out["tokens"], wall, out["ttft"], out["tpot"], out["errors"], out["first_error"])
 
 
 def grpc_request(prompt: str | list[int], adapter: str, max_new: int) -> pb.GenerateRequest:

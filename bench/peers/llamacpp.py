@@ -379,17 +379,22 @@ def alternate(ours: Ours, peer: LlamaServer, rows: list[Workload], repeats: int,
             runs: list[tuple[Contender, list]] = [(ours, ours_adapters), (peer, peer_loras)]
             for server, adapters in runs if (r + k) % 2 == 0 else runs[::-1]:
                 what = f"round {r + 1}, {w.label} streams"
-                server.resume()
-                try:
-                    before, t0 = thread_cpu(server.proc.pid), time.perf_counter()
-                    with phase(server, what, server.request_timeout):
-                        res = asyncio.run(server.load(prompts, adapters, max_new, w.streams, w.requests))
-                    threads = busy_threads(before, thread_cpu(server.proc.pid), time.perf_counter() - t0)
-                finally:
-                    server.pause()
-                if res.errors or res.tokens != w.requests * max_new:
-                    raise RuntimeError(f"{server.describe()} in {what}: {res.errors} errors, {res.tokens} tokens "
-                                       f"(expected {w.requests * max_new})")
+                for attempt in (1, 2):  # a load with a failed request runs once more, then stops the bench
+                    server.resume()
+                    try:
+                        before, t0 = thread_cpu(server.proc.pid), time.perf_counter()
+                        with phase(server, what, server.request_timeout):
+                            res = asyncio.run(server.load(prompts, adapters, max_new, w.streams, w.requests))
+                        threads = busy_threads(before, thread_cpu(server.proc.pid), time.perf_counter() - t0)
+                    finally:
+                        server.pause()
+                    if not res.errors and res.tokens == w.requests * max_new:
+                        break
+                    failure = (f"{server.describe()} in {what}: {res.errors} errors ({res.first_error}), "
+                               f"{res.tokens} tokens (expected {w.requests * max_new})")
+                    if attempt == 2:
+                        raise RuntimeError(failure)
+                    print(f"{failure}; running this load again", flush=True)
                 tok_s.setdefault(w.name, {}).setdefault(server.name, []).append(res.tokens_per_s)
                 busy.setdefault(w.name, {})[server.name] = threads
                 print(f"round {r + 1} {w.label:>14}: {server.name:>12} {res.tokens_per_s:6.1f} tok/s ({res.tokens} "

@@ -1,4 +1,4 @@
-"""The CPU decode path on our own kernels (server/kernels/cpu/decode.cpp), float32, ``--matmul onednn``.
+"""The CPU decode path on our own kernels (server/kernels/cpu/decode.cpp), float32 or bfloat16, ``--matmul onednn``.
 
 At a decode step (every row adds one token) a CPU step was bound by two things: the projections read
 at oneDNN's packed-matmul rate at one row, and ~38 small eager torch ops per layer plus Python
@@ -12,11 +12,13 @@ between them. Here:
 
 Adapter hooks are untouched: the ops take and return torch tensors between projections, so LoRA,
 IA3, DoRA, LN tuning, prefixes and bottleneck rows work as on the torch path. The exact mode
-(``--matmul blas``), prefill steps and other dtypes keep the torch path. If the extension cannot
+(``--matmul blas``), prefill steps and float16 keep the torch path. In bfloat16 (where oneDNN runs
+bf16, i.e. AVX-512 or AVX-NE-CONVERT CPUs) the kernels read bf16 weights, activations and KV and
+compute in float32, rounding each output to bf16 where the torch path rounds it. If the extension cannot
 be built here, one warning is logged and everything keeps the torch path.
 
 Switches (module attributes, read at every call; ``bench.decode_step --ab`` flips them):
-``FUSED_OPS`` (CpuKernelOps at decode steps) and ``GEMV_ROWS`` (0 = never our gemv).
+``FUSED_OPS`` (CpuKernelOps at decode steps), ``GEMV_ROWS`` and ``GEMV_ROWS_BF16`` (0 = never our gemv).
 
 Thread domain: the engine thread (like every forward); the kernels release the GIL.
 """
@@ -31,8 +33,12 @@ import torch
 if TYPE_CHECKING:
     from server.model.llama import LlamaRuntime, PagedKVCache, StepInput
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the element types decode.cpp is compiled for
 FUSED_OPS = True  # decode steps through CpuKernelOps
 GEMV_ROWS = 8  # float32 projections of at most this many rows through our gemv (0: never; the kernel takes 16)
+# bf16: oneDNN's bf16 matmul (AMX / AVX512_BF16 dot products) overtakes our float32-FMA gemv sooner: on a
+# 2-core Xeon with AMX ours is 1.33x at 1-2 rows, 1.1x at 4, 0.92x at 6, 0.81x at 8 (bench/README.md).
+GEMV_ROWS_BF16 = 4
 
 _kernels: ModuleType | None = None
 _tried = False
@@ -49,22 +55,24 @@ def kernels() -> ModuleType | None:
 
 
 def wanted(device: str, dtype: torch.dtype, use_onednn: bool) -> bool:
-    """Whether a runtime should use our CPU kernels: CPU, float32, the default (oneDNN) matmul mode
-    (the exact mode stays on transformers' own kernels), and the extension builds here."""
-    return str(device) == "cpu" and dtype == torch.float32 and use_onednn and kernels() is not None
+    """Whether a runtime should use our CPU kernels: CPU, float32 or bfloat16, the default (oneDNN) matmul
+    mode (the exact mode stays on transformers' own kernels), and the extension builds here."""
+    return str(device) == "cpu" and dtype in KERNEL_DTYPES and use_onednn and kernels() is not None
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] when x has 1..GEMV_ROWS rows, else None."""
-    if _kernels is None or not 0 < x.numel() <= weight.shape[1] * min(GEMV_ROWS, 16):
+    """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] when x has 1..GEMV_ROWS rows (bf16:
+    GEMV_ROWS_BF16), else None."""
+    rows = GEMV_ROWS if weight.dtype == torch.float32 else GEMV_ROWS_BF16
+    if _kernels is None or not 0 < x.numel() <= weight.shape[1] * min(rows, 16):
         return None
     return _kernels.gemv(x, weight, bias)
 
 
 def decode_step(rt: LlamaRuntime, step: StepInput, cache: PagedKVCache) -> bool:
-    """Whether CpuKernelOps can take `step`: one new token per row, float32 cache, kernels built."""
+    """Whether CpuKernelOps can take `step`: one new token per row, a cache of the runtime's dtype, kernels built."""
     shape = step.input_ids.shape if step.input_ids is not None else step.input_embeds.shape
-    return (FUSED_OPS and rt.use_cpu_kernels and shape[1] == 1 and cache.k[0].dtype == torch.float32
+    return (FUSED_OPS and rt.use_cpu_kernels and shape[1] == 1 and cache.k[0].dtype == rt.dtype
             and _kernels is not None)
 
 

@@ -124,7 +124,7 @@ def kernel_report(device: str, dtype: torch.dtype, kv_dtype: torch.dtype, use_on
         elif dtype == torch.float16:
             note = "float16 on CPU: torch's generic kernels (no oneDNN fp16 path is chosen); --dtype float32 is faster"
     decode = ""
-    if not str(device).startswith("cuda") and use_onednn and dtype == torch.float32:
+    if not str(device).startswith("cuda") and use_onednn and dtype in (torch.float32, torch.bfloat16):
         decode = "ours" if cpu_kernels else "torch"
     return KernelReport(matmul=matmul, dtype=_name(dtype), kv_dtype=_name(kv_dtype),
                         cpu_capability=cpu.capability, cpu_features=cpu.flag_list(), native_bf16=cpu.native_bf16,

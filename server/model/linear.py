@@ -57,8 +57,9 @@ class Projection:
         usable = onednn_usable(str(weight.device.type), weight.dtype)
         self.use_onednn = usable if use_onednn is None else (use_onednn and usable)
         self._gemv_in = weight.shape[1] if weight.dtype == torch.float32 else 0  # [in] when sgemv may take x
-        # Our gemv (server.model.cpu_decode) for a few rows: float32 CPU weights, default mode only.
-        self.cpu_gemv = cpu_gemv and self.use_onednn and weight.dtype == torch.float32 and weight.is_contiguous()
+        # Our gemv (server.model.cpu_decode) for a few rows: float32 or bf16 CPU weights, default mode only.
+        self.cpu_gemv = (cpu_gemv and self.use_onednn and weight.dtype in cpu_decode.KERNEL_DTYPES
+                         and weight.is_contiguous())
         self.refresh()
 
     def refresh(self) -> None:
@@ -68,7 +69,7 @@ class Projection:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_gemv and x.dtype == torch.float32:
+        if self.cpu_gemv and x.dtype == self.weight.dtype:
             y = cpu_decode.gemv(x, self.weight, self.bias)  # None beyond cpu_decode.GEMV_ROWS rows
             if y is not None:
                 return y

@@ -65,7 +65,14 @@ def test_lora_shrink_expand_match_reference(rows, shape, dtype):
     want = out.clone()
     lora.expand(shrunk, bts, columns, out, tokens)
     lora.expand_reference(shrunk, bts, columns, want, ts)
-    _close(out, want, dtype)
+    if dtype == torch.float32:
+        # Sums of `rank` products in another order than the reference's BLAS (whose kernels differ between
+        # CPUs: AVX-512 hosts sum in wider blocks): float32 rounding grows with sqrt(rank) x the products' size.
+        scale = shrunk.abs().max().item() * max(b.abs().max().item() for b in bts)
+        atol = max(TOL[dtype]["atol"], 2 * rank ** 0.5 * torch.finfo(torch.float32).eps * scale)
+        torch.testing.assert_close(out, want, rtol=TOL[dtype]["rtol"], atol=atol)
+    else:
+        _close(out, want, dtype)
     base = ts < 0
     assert torch.equal(shrunk[base], torch.zeros_like(shrunk[base]))  # rows of no adapter get nothing
 

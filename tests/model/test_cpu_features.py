@@ -82,7 +82,7 @@ def test_kernel_report_names_the_choice_and_says_why(cpu, dtype, use_onednn, mat
     assert (note in report.note) if note else report.note == ""
     line = report.log_line()
     assert f"matmul={matmul}" in line and f"dtype={report.dtype}" in line and cpu.capability in line
-    if matmul == "onednn" and dtype == torch.float32:  # our decode kernels, or the torch ops without them
+    if matmul == "onednn" and dtype in (torch.float32, torch.bfloat16):  # our decode kernels, or torch's ops
         assert report.decode == "torch" and "decode=torch;" in line
         assert "decode=ours;" in kernel_report("cpu", dtype, dtype, True, False, "onednn", cpu, True).log_line()
     else:
@@ -126,8 +126,9 @@ def test_model_info_and_start_log_report_the_kernels(start_server, tiny_llama, c
     assert bool(k.note) == (dtype == "bfloat16" and not cpu.native_bf16)
     logged = [r for r in caplog.records if r.getMessage().startswith("kernels: ")]
     assert len(logged) == 1 and f"matmul={matmul} dtype={dtype} kv={dtype}" in logged[0].getMessage()
-    # float32 in oneDNN mode names the decode kernels: ours where server/kernels/cpu builds (it does here).
-    decode = " decode=ours;" if (matmul, dtype) == ("onednn", "float32") else ";"
+    # oneDNN mode (float32, or bf16 where oneDNN runs it) names the decode kernels: ours where
+    # server/kernels/cpu builds (it does here).
+    decode = " decode=ours;" if matmul == "onednn" else ";"
     assert f"kv={dtype}{decode}" in logged[0].getMessage()
     assert srv.app.model.runtime.use_cpu_kernels is (decode == " decode=ours;")
     assert k.decode == ("ours" if decode == " decode=ours;" else "")
