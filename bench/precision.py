@@ -1,9 +1,11 @@
 """How far the server's log-probabilities are from a float64 reference, next to PEFT's own float32 noise.
 
     python -m bench.precision --tokens 24 --seeds 4
+    python -m bench.precision --modes onednn,blas,bf16     # + the server in --dtype bfloat16 and PEFT in bf16
 
 For each adapter kind (and the base model) the server decodes greedily in both matmul modes
-(``--matmul onednn`` and ``--matmul blas``) with the top-20 log-probabilities of every step. The same
+(``--matmul onednn`` and ``--matmul blas``; ``bf16``: ``--dtype bfloat16``, oneDNN mode) with the
+top-20 log-probabilities of every step. The same
 sequences (prompt + the server's tokens) are then scored teacher-forced by PEFT in float64 (the
 ground truth) and by PEFT in float32 with ``sdpa`` and ``eager`` attention (what a user compares
 against, and its own rounding noise). Reported per row: the largest |Δ logprob| of the chosen
@@ -68,14 +70,18 @@ def make_adapters(base: Path, out: Path, seeds: int) -> list[Case]:
     return cases
 
 
-def serve_and_decode(base: Path, root: Path, cases: list[Case], matmul: str, prompts: list[list[int]],
+MODES = {"onednn": ("onednn", "float32"), "blas": ("blas", "float32"), "bf16": ("onednn", "bfloat16")}
+
+
+def serve_and_decode(base: Path, root: Path, cases: list[Case], mode: str, prompts: list[list[int]],
                      tokens: int) -> dict[tuple[str | None, int], pb.GenerateResponse]:
-    """Greedy decode every (case, prompt) on an in-process server with `matmul`, top-20 logprobs."""
+    """Greedy decode every (case, prompt) on an in-process server in `mode` (MODES), top-20 logprobs."""
     from server.app import ServerApp
     from server.config import ServerConfig
 
+    matmul, dtype = MODES[mode]
     cfg = ServerConfig(model=str(base), port=0, metrics_port=0, adapter_root=str(root), matmul=matmul,
-                       kv_cache_tokens=8192, max_batch_size=16)
+                       dtype=dtype, kv_cache_tokens=8192, max_batch_size=16)
     app = ServerApp(cfg).start()
     try:
         with grpc.insecure_channel(app.target) as ch:
@@ -119,7 +125,11 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="'default' or a local HF folder")
     parser.add_argument("--tokens", type=int, default=24, help="greedy tokens per request")
     parser.add_argument("--seeds", type=int, default=2, help="adapters per kind")
+    parser.add_argument("--modes", default="onednn,blas", help=f"server modes, of {','.join(MODES)}")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in MODES]:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     torch.set_num_threads(2)
     from server.model.loader import resolve_model_folder
     from server.model.tokenizer import Tokenizer
@@ -131,23 +141,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cases = make_adapters(base, root, args.seeds)
-        served = {m: serve_and_decode(base, root, cases, m, prompts, args.tokens) for m in ("onednn", "blas")}
+        served = {m: serve_and_decode(base, root, cases, m, prompts, args.tokens) for m in modes}
         rows: dict[str, dict[str, list[tuple[float, float, bool]]]] = {}
         for c in cases:
             folder = root / c.adapter if c.adapter else None
             row = rows.setdefault(c.label, {})
             for i, ids in enumerate(prompts):
                 refs: dict[tuple[int, ...], torch.Tensor] = {}  # float64 scores per distinct sequence
-                for mode in ("blas", "onednn"):
+                for mode in modes:
                     resp = served[mode][(c.adapter, i)]
                     seq = tuple(ids + list(resp.token_ids))
                     if seq not in refs:
                         refs[seq] = peft_teacher_forced(base, folder, list(seq), len(ids), torch.float64, "eager")
                     row.setdefault(f"server {mode}", []).append(errors(resp, refs[seq]))
-                seq, ref = next(iter(refs.items()))
+                seq, ref = next(iter(refs.items()))  # the first mode's sequence
                 for attn in ("sdpa", "eager"):
                     lp = peft_teacher_forced(base, folder, list(seq), len(ids), torch.float32, attn)
                     row.setdefault(f"PEFT fp32 {attn}", []).append(ref_errors(lp, ref, list(seq[len(ids):])))
+                if "bf16" in modes:  # PEFT in bf16 on the bf16 server's own sequence
+                    seq = tuple(ids + list(served["bf16"][(c.adapter, i)].token_ids))
+                    lp = peft_teacher_forced(base, folder, list(seq), len(ids), torch.bfloat16, "sdpa")
+                    row.setdefault("PEFT bf16 sdpa", []).append(ref_errors(lp.double(), refs[seq],
+                                                                           list(seq[len(ids):])))
     print(f"\n{args.tokens} greedy tokens x {len(PROMPTS)} prompts x {args.seeds} adapters per kind, "
           "all requests in flight together (mixed batches); errors against PEFT float64\n")
     print("| kind | system | max abs Δ chosen logprob | RMS Δ top-20 | greedy = f64 argmax |")

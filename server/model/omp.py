@@ -33,23 +33,29 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release threads, keep the runtime (l
 
 @functools.cache
 def _omp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch runs on (found among the process's loaded libraries), or None."""
-    import torch  # noqa: F401  (loads the runtime torch was built with)
+    """The OpenMP runtime torch runs on, or None.
+
+    Other wheels bring their own renamed copies (sentencepiece.libs/libgomp-<hash>.so): pausing one of
+    those frees nothing of torch's, so torch's own directory comes first, then a runtime of the plain
+    soname (``libgomp.so.1``: what torch links to in other builds), then any other."""
+    import torch  # (loads the runtime torch was built with)
 
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "/lib" in line}
     except OSError:
         return None
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if name.startswith(("libgomp", "libiomp", "libomp")) and ".so" in name:
-            try:
-                lib = ctypes.CDLL(path)  # already loaded: the same handle, no second runtime
-                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-                return lib
-            except (OSError, AttributeError):
-                continue
+    mine = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
+    runtimes = [p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp")) and ".so" in p]
+    for path in sorted(runtimes, key=lambda p: (not os.path.realpath(p).startswith(mine),
+                                                os.path.basename(p) not in ("libgomp.so.1", "libiomp5.so", "libomp.so"),
+                                                p)):
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle, no second runtime
+            lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            return lib
+        except (OSError, AttributeError):
+            continue
     return None
 
 

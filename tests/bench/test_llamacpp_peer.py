@@ -279,8 +279,8 @@ def test_busy_threads_counts_the_threads_that_computed():
 
 
 class _Fake(Contender):
-    def __init__(self, name: str, log: list, tokens_short: int = 0):
-        self.name, self.log, self.short = name, log, tokens_short
+    def __init__(self, name: str, log: list, tokens_short: int = 0, short_loads: int = 10**9):
+        self.name, self.log, self.short, self.short_loads = name, log, tokens_short, short_loads
         self.proc = subprocess.Popen(["sleep", "60"])
         self.request_timeout = 5.0
         self.other: _Fake | None = None
@@ -291,7 +291,9 @@ class _Fake(Contender):
                 break
             await asyncio.sleep(0.005)
         self.log.append((self.name, tuple(adapters), concurrency, _state(self.other.proc.pid)))
-        return LoadResult(requests, requests * max_new - self.short, 0.5, [], [], 0)
+        short = self.short if self.short_loads > 0 else 0
+        self.short_loads -= 1
+        return LoadResult(requests, requests * max_new - short, 0.5, [], [], 0)
 
 
 def test_alternate_runs_each_load_with_the_other_server_stopped_in_alternating_order():
@@ -321,9 +323,15 @@ def test_alternate_runs_each_load_with_the_other_server_stopped_in_alternating_o
         short = _Fake("llama.cpp", log, tokens_short=3)
         short.other, ours.other = ours, short
         with pytest.raises(RuntimeError, match=r"llama.cpp \(pid \d+, running\) in round 1, 1 streams: "
-                                               r"0 errors, 29 tokens \(expected 32\)"):
-            alternate(ours, short, rows[:1], 1, [[1]], [], 8, {}, {})  # ours first, then the short peer
+                                               r"0 errors \(\), 29 tokens \(expected 32\)"):
+            alternate(ours, short, rows[:1], 1, [[1]], [], 8, {}, {})  # ours first, then the short peer (twice)
         short.proc.kill()
+        once = _Fake("llama.cpp", log, tokens_short=3, short_loads=1)  # short once: that load runs again
+        once.other, ours.other = ours, once
+        tok_once: dict = {}
+        alternate(ours, once, rows[:1], 1, [[1]], [], 8, tok_once, {})
+        assert tok_once == {"1": {"adapterserve": [64.0], "llama.cpp": [64.0]}}
+        once.proc.kill()
     finally:
         for proc in (ours.proc, peer.proc):
             proc.kill()

@@ -76,6 +76,20 @@ def on_new_thread(fn):
     return result["value"], stop
 
 
+def test_the_runtime_released_is_torchs_own():
+    """Other wheels load renamed copies of libgomp (sentencepiece.libs/libgomp-<hash>.so); pausing one of
+    those would free nothing of torch's."""
+    import sentencepiece  # noqa: F401  (brings its own libgomp copy into the process)
+
+    from server.model import omp
+
+    omp._omp_runtime.cache_clear()
+    lib = omp._omp_runtime()
+    assert lib is not None
+    torch_dir = os.path.realpath(os.path.dirname(torch.__file__))
+    assert os.path.realpath(lib._name).startswith(torch_dir), lib._name
+
+
 def test_release_team_frees_the_threads_pool():
     base = steady_tasks()
 
