@@ -120,14 +120,15 @@ def event_tokens(event: dict, counted: int) -> int:
 
 
 def server_command(binary: Path, gguf: Path, port: int, threads: int, slots: int, ctx_per_slot: int,
-                   loras: Sequence[Path] = ()) -> list[str]:
+                   loras: Sequence[Path] = (), kv_unified: bool = False) -> list[str]:
     """llama-server's command line: `threads` for decode and prompt alike, `slots` parallel sequences,
-    each with its own KV stream (``--no-kv-unified``: with one unified buffer a decode step's attention
-    spans every slot's cells, and 64 streams ran 2.2x slower than 16 instead of faster); LoRA adapters
-    loaded but applied only to requests that name them."""
+    by default each with its own KV stream (``--no-kv-unified``: with one unified buffer a decode step's
+    attention spans every slot's cells, and 64 streams ran 2.2x slower than 16 instead of faster; at 16
+    streams and with LoRA the unified buffer was the faster one: ``kv_unified``); LoRA adapters loaded
+    but applied only to requests that name them."""
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot), "--no-kv-unified",
-           "--no-webui"]
+           "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot),
+           "--kv-unified" if kv_unified else "--no-kv-unified", "--no-webui"]
     for path in loras:
         cmd += ["--lora", str(path)]
     if loras:
@@ -304,7 +305,10 @@ class LlamaServer(Contender):
         """bench.load.run_streams over /completion streams (request i: prompt i, LoRA i mod len)."""
         import httpx2
 
-        limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        # A connection per request: llama-server closes a kept-alive connection after a few requests, and a
+        # request sent on it just then fails with "Server disconnected without sending a response" (seen
+        # 1 in ~12 requests at one stream). A local TCP connect is ~0.1 ms against 1.4 s per request.
+        limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
         # httpx's own timeouts past run_streams' deadline, so that one ends a stuck load (not an error count)
         timeout = httpx2.Timeout(self.request_timeout + 30)
         async with httpx2.AsyncClient(base_url=self.url, timeout=timeout, limits=limits) as client:
@@ -426,6 +430,9 @@ def main() -> int:
     ap.add_argument("--precision", choices=list(GGUF_TYPE), default="fp32",
                     help="fp32: float32 vs an F32 GGUF; bf16: --dtype bfloat16 vs an F16 GGUF")
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
+    ap.add_argument("--llama-kv", choices=["per-slot", "unified"], default="per-slot",
+                    help="llama-server's KV layout (--no-kv-unified / --kv-unified): which is faster depends "
+                         "on the row; run both and take llama.cpp's better one per row")
     ap.add_argument("--streams", default="1,16,64", help="concurrent streams of the base-model rows")
     ap.add_argument("--min-requests", type=int, default=4, help="requests per round at least (1 stream: sequential)")
     ap.add_argument("--lora-streams", type=int, default=32, help="streams of the LoRA row (0 = no LoRA row)")
@@ -507,7 +514,8 @@ def main() -> int:
             if not phase_rows:
                 continue
             peer = LlamaServer(server_command(binary, gguf, free_port(), args.threads, slots, ctx_per_slot,
-                                              phase_loras), work / "llama-server.log", request_timeout=timeout)
+                                              phase_loras, args.llama_kv == "unified"),
+                               work / "llama-server.log", request_timeout=timeout)
             try:
                 adapter = names[0] if phase_loras else ""
                 label = adapter or "base"
@@ -531,7 +539,8 @@ def main() -> int:
 
     load_end = os.getloadavg()[0]
     peer_name = f"llama.cpp {outtype.upper()}"
-    print(f"\nadapterserve --dtype {OUR_DTYPE[args.precision]} vs llama-server ({gguf.name}, F16 KV), "
+    print(f"\nadapterserve --dtype {OUR_DTYPE[args.precision]} vs llama-server ({gguf.name}, F16 KV, "
+          f"{args.llama_kv} KV), "
           f"{args.threads} threads each, greedy, {args.max_new_tokens} forced new tokens, chat prompts of "
           f"{statistics.mean(map(len, prompts)):.0f} tokens, medians of {args.repeats} alternating rounds; "
           f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end"

@@ -88,6 +88,8 @@ def test_server_command_threads_slots_and_loras(tmp_path):
     cmd = server_command(Path("llama-server"), tmp_path / "m.gguf", 1, 2, 32, 100, loras)
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lora"] == [str(p) for p in loras]  # id i = loras[i]
     assert "--lora-init-without-apply" in cmd  # a request without "lora" gets the base model
+    unified = server_command(Path("llama-server"), tmp_path / "m.gguf", 1, 2, 16, 100, kv_unified=True)
+    assert "--kv-unified" in unified and "--no-kv-unified" not in unified
 
 
 def test_first_divergence():
