@@ -18,6 +18,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -285,6 +286,21 @@ namespace {
 template <typename T>
 void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, int64_t wstride, T* sp, T* op, int64_t n, int64_t h,
                        float eps) {
+  if constexpr (std::is_same_v<T, float>) {  // float32: in place, no widening pass
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = xp + r * h;
+        float* sr = dp ? sp + r * h : const_cast<float*>(xr);  // no delta: the sum is x itself
+        if (dp)
+          for (int64_t i = 0; i < h; ++i) sr[i] = xr[i] + dp[r * h + i];
+        const float inv = 1.0f / std::sqrt(dot(sr, sr, h) / static_cast<float>(h) + eps);
+        const float* wr = wp + r * wstride;
+        float* orow = op + r * h;
+        for (int64_t i = 0; i < h; ++i) orow[i] = wr[i] * (sr[i] * inv);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> sum(h);
     for (int64_t r = r0; r < r1; ++r) {
