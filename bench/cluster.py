@@ -8,7 +8,10 @@ same load against (a) the single server (`python -m server`), (b) `python -m ser
 --replicas 1` and (c) `--replicas 2` (on a 2-core host the two replicas share the same cores: each
 gets --threads cores/2). Each setup starts once; then in each round every setup runs the load while
 the others are paused (SIGSTOP of their whole process tree, Ray included), the order reversed every
-other round; medians of tok/s, ratios to the single server (target for 1 replica: >= 0.9x). Also
+other round; medians of tok/s, ratios to the single server (target for 1 replica: >= 0.9x). Each
+cluster also runs the load through its engine application directly (``--paths direct``: the
+clients' ``engine_app`` option, one Ray hop fewer: proxy -> engine replica), a setup of its own on
+the same cluster processes, so the two paths are compared within one run. Also
 tokens per CPU second of each setup's whole process tree (Ray's processes included): on a busy
 shared host the wall-clock ratio mixes in the other tenants, the CPU ratio is the overhead itself.
 
@@ -30,6 +33,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench.load import LoadResult, markdown_table, run_load
+
+ENGINE_APP = "adapterserve-engine"  # python -m server.cluster's engine application (default --app-name)
 
 
 # ---------------------------------------------------------------------------------- hit rate
@@ -105,50 +110,69 @@ def throughput(args) -> dict[str, list[LoadResult]]:
     names = build_adapters(folder, root, args.adapters, 0, 0, args.rank)  # the adapter store: <root>/<name>
     common = ["--model", args.model, "--adapter-root", str(root), "--max-batch-size", str(args.requests),
               "--log-level", "WARNING", "--http-port", "0", "--metrics-port", "0"]
-    setups: dict[str, dict] = {
+    # A process: module, args, threads, env. A setup: a process and the path the load takes into it.
+    processes: dict[str, dict] = {
         "single server": dict(module="server", args=[*common, "--max-resident-adapters", str(args.adapters)],
                               threads=cores, env={}),
     }
+    setups: dict[str, dict] = {"single server": dict(process="single server", engine_app=None)}
     for n in args.replicas:
         cluster_args = [*common, "--replicas", str(n), "--max-adapters-per-replica", str(args.adapters)]
         threads = max(1, cores // n)  # replicas on one host share its cores
-        setups[f"cluster, {n} replica{'s' if n > 1 else ''}"] = dict(
-            module="server.cluster", args=cluster_args, threads=threads, env={})
-        for label, env in args.variant:
-            setups[f"cluster, {n} replica{'s' if n > 1 else ''}, {label}"] = dict(
-                module="server.cluster", args=cluster_args, threads=threads, env=env)
+        for label, env in [("", {}), *args.variant]:
+            name = f"cluster, {n} replica{'s' if n > 1 else ''}" + (f", {label}" if label else "")
+            processes[name] = dict(module="server.cluster", args=cluster_args, threads=threads, env=env)
+            if "ingress" in args.paths:
+                setups[name] = dict(process=name, engine_app=None)
+            if "direct" in args.paths:
+                setups[f"{name}, direct"] = dict(process=name, engine_app=ENGINE_APP)
     procs: dict[str, ServerProcess] = {}
     runs: dict[str, list[LoadResult]] = {name: [] for name in setups}
     try:
-        for name, setup in setups.items():  # started one at a time, then paused while the others start
+        for name, setup in processes.items():  # started one at a time, then paused while the others start
             proc = ServerProcess(*setup["args"], threads=setup["threads"], module=setup["module"],
                                  ready_timeout=900, env=setup["env"])
             procs[name] = proc
             if setup["module"] == "server":  # the single server registers them; cluster replicas load them on use
                 for n in names:
                     register(proc.target, n, n)
-            asyncio.run(run_load(proc.target, prompts, names, 4, len(prompts)))  # warm-up: every adapter loaded
+            for path in {s["engine_app"] for s in setups.values() if s["process"] == name}:
+                asyncio.run(run_load(proc.target, prompts, names, 4, len(prompts), engine_app=path))  # warm-up
             proc.pause()
         for r in range(args.repeats):
             order = list(setups) if r % 2 == 0 else list(reversed(setups))
             for name in order:
-                proc = procs[name]
+                proc = procs[setups[name]["process"]]
                 proc.resume()
                 try:
                     cpu0 = proc.tree_cpu_seconds()
-                    result = asyncio.run(run_load(proc.target, prompts, names, args.max_new_tokens, len(prompts)))
+                    by_process0 = proc.tree_cpu_by_process()
+                    result = asyncio.run(run_load(proc.target, prompts, names, args.max_new_tokens, len(prompts),
+                                                  engine_app=setups[name]["engine_app"]))
                     cpu = proc.tree_cpu_seconds() - cpu0
+                    by_process = cpu_per_token(by_process0, proc.tree_cpu_by_process(), result.tokens)
                 finally:
                     proc.pause()
                 assert result.errors == 0, (name, result.errors)
                 result.cpu_s = cpu  # the setup's whole process tree
                 runs[name].append(result)
                 print(f"round {r + 1}: {name}: {result.tokens_per_s:.1f} tok/s, {result.tokens / cpu:.1f} tok per "
-                      f"CPU s (load {os.getloadavg()[0]:.1f})", flush=True)
+                      f"CPU s (load {os.getloadavg()[0]:.1f}); CPU ms per token: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in by_process.items()), flush=True)
     finally:
         for proc in procs.values():
             proc.stop()
     return runs
+
+
+def cpu_per_token(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                  tokens: int) -> dict[str, float]:
+    """CPU ms per streamed token by process label (summed over processes of one label), largest first."""
+    by_label: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        used = cpu - before.get(pid, (label, 0.0))[1]
+        by_label[label] = by_label.get(label, 0.0) + 1000 * used / max(1, tokens)
+    return dict(sorted(((k, v) for k, v in by_label.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:
@@ -171,6 +195,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="load rounds per setup (medians reported)")
     ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2],
                     help="cluster setups: replica counts (none: the single server alone, a smoke test)")
+    ap.add_argument("--paths", nargs="+", choices=["ingress", "direct"], default=["ingress", "direct"],
+                    help="how the load enters each cluster: through the ingress (any gRPC client) and/or "
+                         "straight to the engine application (the clients' engine_app option)")
     ap.add_argument("--variant", type=_variant, action="append", default=[],
                     help="LABEL=KEY=VALUE[,...]: also each cluster setup with these environment variables "
                          "(Ray Serve knobs, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")

@@ -124,21 +124,25 @@ def grpc_request(prompt: str | list[int], adapter: str, max_new: int) -> pb.Gene
 
 
 async def run_load(target: str, prompts: list[str] | list[list[int]], adapters: list[str], max_new: int,
-                   concurrency: int, timeout: float | None = None) -> LoadResult:
+                   concurrency: int, timeout: float | None = None, engine_app: str | None = None) -> LoadResult:
     """Send len(prompts) requests (request i uses adapters[i % len]) with `concurrency` in flight.
-    `timeout`: see run_streams (None: a request past the 600 s gRPC deadline counts as an error)."""
+    `timeout`: see run_streams (None: a request past the 600 s gRPC deadline counts as an error).
+    `engine_app`: a cluster's engine application, called directly (clients' ``engine_app`` option)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        return await run_grpc_load(stub, prompts, adapters, max_new, concurrency, timeout)
+        return await run_grpc_load(stub, prompts, adapters, max_new, concurrency, timeout, engine_app)
 
 
 async def run_grpc_load(stub: pb_grpc.GenerationServiceStub, prompts: list[str] | list[list[int]],
                         adapters: list[str], max_new: int, concurrency: int,
-                        timeout: float | None = None) -> LoadResult:
+                        timeout: float | None = None, engine_app: str | None = None) -> LoadResult:
     """:func:`run_load` over an existing channel's `stub` (a client kept across loads)."""
+    from clients._common import engine_metadata
+
     async def stream(i: int) -> AsyncIterator[int]:
         req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
-        async for chunk in stub.GenerateStream(req, timeout=600 if timeout is None else timeout + 30):
+        async for chunk in stub.GenerateStream(req, timeout=600 if timeout is None else timeout + 30,
+                                               metadata=engine_metadata(engine_app, req) or None):
             yield len(chunk.token_ids)
 
     return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)

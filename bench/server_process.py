@@ -77,6 +77,20 @@ class ServerProcess:
                 pass
         return total
 
+    def tree_cpu_by_process(self) -> dict[int, tuple[str, float]]:
+        """pid -> (label, CPU seconds so far) of the process and every live process under it; the label
+        is the process title (Ray's workers: ``ray::ServeReplica:<app>:<deployment>``, ``ray::ProxyActor``, ...)."""
+        out: dict[int, tuple[str, float]] = {}
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                cmd = p.cmdline()
+                label = cmd[0] if cmd and cmd[0].startswith("ray::") else p.name()
+                out[p.pid] = (label, t.user + t.system)
+            except Exception:  # (gone meanwhile)
+                pass
+        return out
+
     def pause(self) -> None:
         """SIGSTOP the process and every process under it (a cluster's Ray: GCS, raylet, workers), so
         a paused setup takes no CPU while another one is measured."""

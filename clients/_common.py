@@ -82,6 +82,18 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def engine_metadata(engine_app: str | None, request: pb.GenerateRequest) -> tuple[tuple[str, str], ...]:
+    """Routing metadata of a Generate/GenerateStream call to an adapterserve cluster's engine
+    application (``python -m server.cluster``; docs/scale-out.md, "One hop fewer"): Serve's gRPC
+    proxy then calls the engine replica holding the request's adapter (``multiplexed_model_id``: the
+    adapter, or the first of a weighted mix) without the ingress hop. Nothing without `engine_app`."""
+    if not engine_app:
+        return ()
+    adapter = request.adapter_id or (request.adapters[0].adapter_id if len(request.adapters) else "")
+    routing = (("application", engine_app),)
+    return (*routing, ("multiplexed_model_id", adapter)) if adapter else routing
+
+
 def _chat_message(m: Any) -> pb.ChatMessage:
     if isinstance(m, pb.ChatMessage):
         return m

@@ -34,6 +34,7 @@ from clients._common import (
     build_register_request,
     call_metadata,
     channel_credentials,
+    engine_metadata,
 )
 from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
@@ -59,11 +60,13 @@ class AsyncAdapterServeClient:
         *,
         tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        engine_app: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self._metadata = call_metadata(token)
+        self.engine_app = engine_app
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         opts = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.aio.insecure_channel(target, options=opts) if creds is None
@@ -87,16 +90,20 @@ class AsyncAdapterServeClient:
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is _DEFAULT else timeout
 
-    async def _call(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool) -> Any:
+    async def _call(self, method: Callable[..., Any], request: Any, timeout: Any, idempotent: bool,
+              routing: tuple[tuple[str, str], ...] = (), retries: int | None = None) -> Any:
+        """One unary call; `routing`: extra metadata; `retries`: at most this many (else self.retries)."""
         timeout = self._timeout(timeout)
+        limit = self.retries if retries is None else retries
+        metadata = (*self._metadata, *routing)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return await method(request, timeout=remaining, metadata=self._metadata)
+                return await method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                if idempotent and e.code() in RETRYABLE_CODES and attempt < self.retries:
+                if idempotent and e.code() in RETRYABLE_CODES and attempt < limit:
                     delay = backoff_delay(attempt)
                     if deadline is None or time.monotonic() + delay < deadline:
                         await asyncio.sleep(delay)
@@ -132,7 +139,8 @@ class AsyncAdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
-        return GenerationResult.from_proto(await self._call(self._gen.Generate, req, timeout, False))
+        return GenerationResult.from_proto(await self._call(
+            self._gen.Generate, req, timeout, bool(self.engine_app), engine_metadata(self.engine_app, req), retries=1))
 
     def stream(
         self,
@@ -164,7 +172,8 @@ class AsyncAdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
-        call = self._gen.GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._gen.GenerateStream(req, timeout=self._timeout(timeout),
+                                        metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
         return self._chunks(call)
 
     @staticmethod

@@ -9,7 +9,9 @@
 Connection options (before or after the command): ``--target`` (env ADAPTERSERVE_TARGET,
 default 127.0.0.1:50051), ``--token`` / ``--token-file`` (env ADAPTERSERVE_TOKEN),
 ``--tls-ca`` (env ADAPTERSERVE_TLS_CA), ``--tls-cert``/``--tls-key`` for mutual TLS
-(env ADAPTERSERVE_CLIENT_CERT / ADAPTERSERVE_CLIENT_KEY), ``--timeout``.
+(env ADAPTERSERVE_CLIENT_CERT / ADAPTERSERVE_CLIENT_KEY), ``--timeout``, and against a cluster
+``--engine-app`` (env ADAPTERSERVE_ENGINE_APP: generate and chat go straight to the engine
+replica holding the adapter, one hop fewer; docs/scale-out.md).
 Exit status: 0 success, 1 the call failed (message on stderr), 2 bad usage, 130 interrupted.
 """
 
@@ -115,6 +117,7 @@ def _make_client(args: argparse.Namespace, default_timeout: float = DEFAULT_TIME
             tls_cert=getattr(args, "tls_cert", None) or env.get("ADAPTERSERVE_CLIENT_CERT") or None,
             tls_key=getattr(args, "tls_key", None) or env.get("ADAPTERSERVE_CLIENT_KEY") or None,
             timeout=timeout,
+            engine_app=getattr(args, "engine_app", None) or env.get("ADAPTERSERVE_ENGINE_APP") or None,
         )
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from e
@@ -511,6 +514,9 @@ def _connection_options() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float,
                    help=f"deadline per call in seconds (default {DEFAULT_TIMEOUT:g}; "
                         f"{GENERATE_TIMEOUT:g} for generate and chat; 0 = none)")
+    g.add_argument("--engine-app", help="against `python -m server.cluster`: its engine application "
+                                        "(adapterserve-engine) for generate and chat, one hop fewer "
+                                        "[env ADAPTERSERVE_ENGINE_APP]")
     return p
 
 

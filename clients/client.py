@@ -30,6 +30,7 @@ from clients._common import (
     build_register_request,
     call_metadata,
     channel_credentials,
+    engine_metadata,
 )
 from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
@@ -54,6 +55,12 @@ class AdapterServeClient:
             generate, stream, register and unregister are never retried.
         tls: use TLS with the system roots even without ``tls_ca``.
         options: extra gRPC channel options.
+        engine_app: against an adapterserve cluster (``python -m server.cluster``), its engine
+            application (``<app-name>-engine``, by default ``adapterserve-engine``): generate and
+            stream then go from Serve's gRPC proxy straight to the engine replica holding the
+            adapter, one hop fewer than through the ingress (docs/scale-out.md); generate is then
+            retried once on UNAVAILABLE (a replica lost mid-call), as the ingress does. Other
+            calls are unchanged. None: every call as to a single server.
     """
 
     def __init__(
@@ -68,11 +75,13 @@ class AdapterServeClient:
         *,
         tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        engine_app: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self._metadata = call_metadata(token)
+        self.engine_app = engine_app
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         opts = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.insecure_channel(target, options=opts) if creds is None
@@ -96,16 +105,20 @@ class AdapterServeClient:
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is _DEFAULT else timeout
 
-    def _call(self, method: Callable[..., T], request: Any, timeout: Any, idempotent: bool) -> T:
+    def _call(self, method: Callable[..., T], request: Any, timeout: Any, idempotent: bool,
+              routing: tuple[tuple[str, str], ...] = (), retries: int | None = None) -> T:
+        """One unary call; `routing`: extra metadata; `retries`: at most this many (else self.retries)."""
         timeout = self._timeout(timeout)
+        limit = self.retries if retries is None else retries
+        metadata = (*self._metadata, *routing)
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return method(request, timeout=remaining, metadata=self._metadata)
+                return method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                if idempotent and e.code() in RETRYABLE_CODES and attempt < self.retries:
+                if idempotent and e.code() in RETRYABLE_CODES and attempt < limit:
                     delay = backoff_delay(attempt)
                     if deadline is None or time.monotonic() + delay < deadline:
                         time.sleep(delay)
@@ -150,7 +163,8 @@ class AdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
-        return GenerationResult.from_proto(self._call(self._gen.Generate, req, timeout, False))
+        return GenerationResult.from_proto(self._call(
+            self._gen.Generate, req, timeout, bool(self.engine_app), engine_metadata(self.engine_app, req), retries=1))
 
     def stream(
         self,
@@ -185,7 +199,8 @@ class AdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
-        call = self._gen.GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._gen.GenerateStream(req, timeout=self._timeout(timeout),
+                                        metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
         return self._chunks(call)
 
     @staticmethod

@@ -13,6 +13,15 @@ from dataclasses import dataclass
 from server.config import ConfigError, ServerConfig, _opt, parse_config
 
 PROG = "python -m server.cluster"
+ENGINE = "Engine"  # the engine deployment's name
+ENGINE_APP_SUFFIX = "-engine"
+
+
+def engine_app_name(cfg: ClusterConfig) -> str:
+    """The Serve application whose ingress is the engine deployment (``<--app-name>-engine``): gRPC
+    clients that name it in their ``application`` metadata reach the engine replicas without the
+    ingress hop (docs/scale-out.md, "One hop fewer")."""
+    return cfg.app_name + ENGINE_APP_SUFFIX
 
 
 @dataclass
@@ -32,7 +41,8 @@ class ClusterConfig(ServerConfig):
     replica_gpus: float = _opt(0.0, "GPUs Ray reserves for each engine replica (0.5 = two replicas per GPU).",
                                "cluster")
     ingress_replicas: int = _opt(1, "Ingress replicas (request parsing and relaying; no model).", "cluster")
-    app_name: str = _opt("adapterserve", "Ray Serve application name.", "cluster")
+    app_name: str = _opt("adapterserve", "Ray Serve application name of the ingress (HTTP, every gRPC call "
+                         "without `application` metadata); the engine's is <app-name>-engine.", "cluster")
     object_store_bytes: int = _opt(0, "Object store size of a local Ray instance (0 = Ray's default).", "cluster")
 
     def validate(self) -> None:
@@ -53,6 +63,8 @@ class ClusterConfig(ServerConfig):
         if self.preload:
             raise ConfigError("--preload: in the cluster adapters come from the adapter store under --adapter-root "
                               "(copy them there, or RegisterAdapter through the cluster)")
+        if not self.app_name or ":" in self.app_name or "/" in self.app_name:
+            raise ConfigError(f"--app-name must be non-empty without ':' or '/', got {self.app_name!r}")
         if self.address != "local" and self.address != "auto" and not self.address.startswith("ray://"):
             raise ConfigError(f"--address must be local, auto or ray://HOST:PORT, got {self.address!r}")
 

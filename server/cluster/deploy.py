@@ -3,8 +3,12 @@
 ``Cluster(cfg).start()`` is what ``python -m server.cluster`` and the tests run: Ray per
 ``--address`` (a local instance has its dashboard off), Serve's HTTP proxy on
 ``--http-host:--http-port`` and gRPC proxy on ``--port`` with the adapterserve services
-(:func:`server.cluster.rpc.add_services`), then the application: the engine deployment
-(``--replicas`` or autoscaling between ``--min-replicas`` and ``--max-replicas``) behind the ingress.
+(:func:`server.cluster.rpc.add_services`), then two applications: ``<--app-name>-engine``, whose
+ingress is the engine deployment (``--replicas`` or autoscaling between ``--min-replicas`` and
+``--max-replicas``), and ``<--app-name>``, the ingress deployment (HTTP on ``/``, and every gRPC call
+that names no application), which calls the engine application's deployment by name. A gRPC
+client that sends ``application: <app>-engine`` with ``multiplexed_model_id: <adapter id>`` has its
+Generate/GenerateStream routed by Serve's proxy straight to an engine replica (one hop fewer).
 Thread domain: the caller's thread (Serve's client API is synchronous here).
 """
 
@@ -21,15 +25,14 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from server.cluster.config import ClusterConfig, parse_cluster_config
+from server.cluster.config import ENGINE, ClusterConfig, engine_app_name, parse_cluster_config
 from server.cluster.ingress import ingress_class
 from server.cluster.replica import EngineReplica
+from server.cluster.rpc import servicer_function
 
 log = logging.getLogger("adapterserve.cluster")
 
-ENGINE = "Engine"
 INGRESS = "Ingress"
-ADD_SERVICES = "server.cluster.rpc.add_services"
 INGRESS_ANSWER_S = 10.0
 
 
@@ -91,27 +94,48 @@ def shutdown_options(cfg: ClusterConfig, margin_s: float) -> dict[str, float]:
     return {"graceful_shutdown_timeout_s": cfg.grace_seconds + margin_s, "graceful_shutdown_wait_loop_s": 0.2}
 
 
+def build_engine_application(cfg: ClusterConfig) -> serve.Application:
+    """The ``<app>-engine`` application: the engine deployment as its own ingress (direct gRPC)."""
+    return serve.deployment(**engine_options(cfg))(EngineReplica).bind(cfg)
+
+
+def engine_route_prefix(cfg: ClusterConfig) -> str:
+    """The engine application's HTTP route (Serve gives every gRPC-reachable application one; HTTP
+    clients use ``/`` and the ingress)."""
+    return "/" + engine_app_name(cfg)
+
+
 def build_application(cfg: ClusterConfig) -> serve.Application:
-    """The Serve application: ingress (HTTP routes + gRPC methods) bound to the engine deployment."""
-    engine = serve.deployment(**engine_options(cfg))(EngineReplica).bind(cfg)
+    """The ``<app>`` application: the ingress (HTTP routes + gRPC methods), calling the engine by name."""
     ingress = serve.deployment(name=INGRESS, num_replicas=cfg.ingress_replicas,
                                max_ongoing_requests=max(1024, 4 * (cfg.max_batch_size + cfg.max_queue)),
                                ray_actor_options={"num_cpus": 0},
                                # outlives the engine's grace: the streams it relays end first
                                **shutdown_options(cfg, margin_s=10.0))(ingress_class())
-    return ingress.bind(engine, cfg)
+    return ingress.bind(cfg)
 
 
-def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Serve's application builder (``import_path: server.cluster.deploy:app_builder`` in a Serve config or a
-    KubeRay RayService, see deploy/rayservice.yaml): ``args`` are flags without the dashes
-    (``{"model": "default", "replicas": 2}``), over ADAPTERSERVE_* variables and the defaults."""
+def _config_of(args: dict[str, Any] | None) -> ClusterConfig:
     argv: list[str] = []
     for key, value in (args or {}).items():
         flag = "--" + str(key).replace("_", "-")
         for item in value if isinstance(value, list) else [value]:
             argv += [flag, str(item)]
-    return build_application(parse_cluster_config(argv))
+    return parse_cluster_config(argv)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder of the ingress application (``import_path:
+    server.cluster.deploy:app_builder`` in a Serve config or a KubeRay RayService, see
+    deploy/rayservice.yaml): ``args`` are flags without the dashes (``{"model": "default",
+    "replicas": 2}``), over ADAPTERSERVE_* variables and the defaults."""
+    return build_application(_config_of(args))
+
+
+def engine_app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder of the engine application (``<app>-engine``, route
+    ``/<app>-engine``), with the same ``args`` as :func:`app_builder`."""
+    return build_engine_application(_config_of(args))
 
 
 class Cluster:
@@ -156,44 +180,50 @@ class Cluster:
         cfg = self.cfg
         serve.start(
             http_options=HTTPOptions(host=cfg.http_host, port=cfg.http_port),
-            grpc_options=gRPCOptions(port=cfg.port, grpc_servicer_functions=[ADD_SERVICES]),
+            grpc_options=gRPCOptions(port=cfg.port, grpc_servicer_functions=[servicer_function(cfg.app_name)]),
         )
         self._serve_started = True
-        serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
         self._deployed = True
-        self.wait_ready(stop=stop)
+        serve.run(build_engine_application(cfg), name=engine_app_name(cfg), route_prefix=engine_route_prefix(cfg),
+                  blocking=False)
+        self.wait_ready(engine_app_name(cfg), stop=stop)  # the ingress looks the engine up by name
+        if stop is None or not stop.is_set():
+            serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+            self.wait_ready(cfg.app_name, stop=stop)
         log.info("cluster %s: gRPC on :%d, HTTP on %s:%d", cfg.app_name, cfg.port, cfg.http_host, cfg.http_port)
 
-    def wait_ready(self, timeout_s: float = 600.0, stop: threading.Event | None = None) -> None:
-        """Block until the application is RUNNING (every replica started); raise if it failed."""
+    def wait_ready(self, app_name: str, timeout_s: float = 600.0, stop: threading.Event | None = None) -> None:
+        """Block until application `app_name` is RUNNING (every replica started); raise if it failed."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end and not (stop is not None and stop.is_set()):
-            app = serve.status().applications.get(self.cfg.app_name)
+            app = serve.status().applications.get(app_name)
             status = getattr(app, "status", None)
             if status == "RUNNING":
                 return
             if status == "DEPLOY_FAILED":
-                raise RuntimeError(f"cluster deploy failed: {app.message}")
+                raise RuntimeError(f"cluster deploy of {app_name} failed: {app.message}")
             time.sleep(0.5)
         if stop is None or not stop.is_set():
-            raise TimeoutError(f"cluster not running within {timeout_s:g} s")
+            raise TimeoutError(f"cluster application {app_name} not running within {timeout_s:g} s")
 
     def engine_handle(self) -> serve.handle.DeploymentHandle:
-        return serve.get_deployment_handle(ENGINE, app_name=self.cfg.app_name)
+        return serve.get_deployment_handle(ENGINE, app_name=engine_app_name(self.cfg))
 
     def stop(self, drain_s: float = 0.0) -> None:
         """Stop what :meth:`start` started, in the single server's phases (SIGTERM runs this):
 
         1. ``drain_s`` > 0: health NOT_SERVING on every ingress replica while requests are still served;
-        2. new requests answered UNAVAILABLE; in-flight ones (streams included) may finish for
-           ``--grace-seconds``;
-        3. the application is deleted (what still runs is cut: UNAVAILABLE, each replica shuts its
-           server down), Serve stops (controller and proxies), and Ray when this process started it.
+        2. new requests answered UNAVAILABLE (by the ingress, and by the engine replicas for direct
+           calls); in-flight ones (streams included) may finish for ``--grace-seconds``;
+        3. the applications are deleted, the ingress first (what still runs is cut: UNAVAILABLE, each
+           replica shuts its server down), Serve stops (controller and proxies), and Ray when this
+           process started it.
         """
         try:
             if self._deployed:
                 self._quiesce(drain_s)
-                serve.delete(self.cfg.app_name)
+                for app in (self.cfg.app_name, engine_app_name(self.cfg)):
+                    serve.delete(app)
         finally:
             self._deployed = False
             try:
@@ -206,15 +236,19 @@ class Cluster:
                 self._own_ray = False
 
     def _quiesce(self, drain_s: float) -> None:
-        """Phases 1 and 2 of :meth:`stop`, on every ingress replica (best effort: the delete follows anyway)."""
-        ingress = serve.get_deployment_handle(INGRESS, app_name=self.cfg.app_name)
+        """Phases 1 and 2 of :meth:`stop`, on every ingress and engine replica (each counts the calls
+        the gRPC proxy handed it; best effort: the delete follows anyway)."""
+        doors = [(INGRESS, self.cfg.app_name), (ENGINE, engine_app_name(self.cfg))]
 
         def ask(method: str) -> list:
-            try:
-                return ingress.broadcast(method).results(timeout_s=INGRESS_ANSWER_S, return_exceptions=True)
-            except Exception as e:  # (no ingress replica answered)
-                log.warning("shutdown: ingress did not answer %s (%s)", method, type(e).__name__)
-                return []
+            answers: list = []
+            for deployment, app in doors:
+                try:
+                    handle = serve.get_deployment_handle(deployment, app_name=app)
+                    answers += handle.broadcast(method).results(timeout_s=INGRESS_ANSWER_S, return_exceptions=True)
+                except Exception as e:  # (not deployed, or no replica answered)
+                    log.warning("shutdown: %s did not answer %s (%s)", deployment, method, type(e).__name__)
+            return answers
 
         if drain_s > 0:
             ask("drain")

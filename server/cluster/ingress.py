@@ -33,10 +33,9 @@ from ray.serve.handle import DeploymentHandle
 
 from adapterserve.v1 import adapterserve_pb2 as pb
 from server.api.http.errors import OpenAIError
-from server.api.malformed import Malformed
-from server.api.security import TokenAuthInterceptor
 from server.cluster.asgi import request_scope
-from server.cluster.config import ClusterConfig
+from server.cluster.config import ENGINE, ClusterConfig, engine_app_name
+from server.cluster.door import FrontDoor, adapter_of, parse
 from server.cluster.metrics import merge_replica_metrics
 from server.cluster.rpc import RawMessage, RpcStatus
 
@@ -53,67 +52,27 @@ def _lost_message(e: BaseException) -> str:
     return f"replica unavailable ({type(e).__name__}); retry"
 
 
-def adapter_of(request: pb.GenerateRequest) -> str:
-    """The id a request is routed by: its adapter, or the first adapter of a weighted mix."""
-    if request.adapter_id:
-        return request.adapter_id
-    return request.adapters[0].adapter_id if len(request.adapters) else ""
-
-
-class Ingress:
+class Ingress(FrontDoor):
     """Ray Serve ingress: gRPC methods (called by the gRPC proxy) + the FastAPI routes (HTTP proxy)."""
 
-    def __init__(self, engine: DeploymentHandle, cfg: ClusterConfig):
-        self.engine = engine
+    def __init__(self, cfg: ClusterConfig):
+        super().__init__(cfg)
         self.cfg = cfg
-        auth, admin = cfg.resolved_auth_token(), cfg.resolved_admin_token()
-        self.auth = TokenAuthInterceptor(auth, admin) if auth or admin else None
+        self._engine: DeploymentHandle | None = None
         self._health: tuple[float, bool] = (0.0, False)
-        self._draining = False  # shutdown phase 1: health NOT_SERVING, requests still served
-        self._closing = False  # phase 2: new requests UNAVAILABLE, in-flight ones finish
-        self._in_flight = 0  # requests (streams: until their last chunk went out) being answered
         self._model_name: str | None = None
 
-    # ------------------------------------------------------------------ routing helpers
+    @property
+    def engine(self) -> DeploymentHandle:
+        """The engine deployment: the ingress of an application of its own (server.cluster.deploy),
+        looked up at first use (Serve checks that it exists; a RayService deploys both at once)."""
+        if self._engine is None:
+            self._engine = serve.get_deployment_handle(ENGINE, app_name=engine_app_name(self.cfg))
+        return self._engine
+
+    # ------------------------------------------------------------------ routing, health
     def _routed(self, adapter_id: str, *, stream: bool = False) -> DeploymentHandle:
         return self.engine.options(multiplexed_model_id=adapter_id, stream=stream)
-
-    def _authorize(self, method: str, grpc_context) -> None:
-        if self.auth is None:
-            return
-        denial = self.auth.check(method, grpc_context.invocation_metadata())
-        if denial is not None:
-            raise RpcStatus.of(*denial)
-
-    @staticmethod
-    def _fail(grpc_context, e: RpcStatus) -> RpcStatus:
-        """Set the status Serve's proxy sends (it reads the context of the raised call)."""
-        grpc_context.set_code(e.code)
-        grpc_context.set_details(e.details)
-        return e
-
-    # ------------------------------------------------------------------ shutdown (server.cluster.deploy.Cluster.stop)
-    async def drain(self) -> None:
-        """Phase 1: health NOT_SERVING from now on, requests still served (load balancers route elsewhere)."""
-        self._draining = True
-
-    async def close(self) -> int:
-        """Phase 2: new requests answered UNAVAILABLE from now on; returns the requests still in flight."""
-        self._draining = self._closing = True
-        return self._in_flight
-
-    async def in_flight(self) -> int:
-        return self._in_flight
-
-    def _admit(self) -> None:
-        """Count a request in (the caller counts it out with _done); UNAVAILABLE once closing, as the
-        single server answers during its --grace-seconds."""
-        if self._closing:
-            raise RpcStatus.of(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        self._in_flight += 1
-
-    def _done(self) -> None:
-        self._in_flight -= 1
 
     async def serving(self) -> bool:
         """True when at least one replica serves (asked at most every HEALTH_CACHE_S), unless draining."""
@@ -136,7 +95,7 @@ class Ingress:
     async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # the RPC's name: Serve's gRPC proxy calls the method named like it
         try:
             self._authorize("/adapterserve.v1.GenerationService/Generate", grpc_context)
-            request = _parse(pb.GenerateRequest, data)
+            request = parse(pb.GenerateRequest, data)
             self._admit()
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None
@@ -160,7 +119,7 @@ class Ingress:
         sent = 0
         try:
             self._authorize("/adapterserve.v1.GenerationService/GenerateStream", grpc_context)
-            request = _parse(pb.GenerateRequest, data)
+            request = parse(pb.GenerateRequest, data)
             self._admit()
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None
@@ -258,7 +217,7 @@ class Ingress:
         return health_pb2.HealthListResponse(statuses={name: status for name in SERVICE_NAMES})
 
     async def _health_status(self, data: bytes) -> int:
-        request = _parse(health_pb2.HealthCheckRequest, data)
+        request = parse(health_pb2.HealthCheckRequest, data)
         if request.service not in SERVICE_NAMES:
             raise RpcStatus.of(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         serving = await self.serving()
@@ -349,15 +308,6 @@ async def _relay(stream, done: Callable[[], None]) -> AsyncIterator[bytes]:
 
 def _openai_error(status: int, message: str) -> JSONResponse:
     return OpenAIError(status, message).response()
-
-
-def _parse(message_type, data: bytes):
-    """Parse a request; INVALID_ARGUMENT for malformed bytes, as the single server answers."""
-    try:
-        return message_type.FromString(data)
-    except Exception as e:  # (DecodeError, UnicodeDecodeError, ...: whatever the parser raises)
-        bad = Malformed(message_type.DESCRIPTOR.full_name, type(e).__name__)
-        raise RpcStatus.of(grpc.StatusCode.INVALID_ARGUMENT, bad.describe()) from None
 
 
 def _http_app() -> FastAPI:

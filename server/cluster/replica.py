@@ -13,6 +13,15 @@ replica (LRU) and tells Serve's router which replica holds which; on a miss it r
 :meth:`EngineReplica.evict` (called on every replica by adapter admin) drops an id at once, so no
 replica serves an adapter's old weights after a replace or unregister returns.
 
+Direct gRPC (one hop fewer): the engine deployment is the ingress of a Serve application of its own
+(``<app>-engine``), so Serve's gRPC proxy calls :meth:`EngineReplica.Generate` /
+:meth:`EngineReplica.GenerateStream` itself for clients that send ``application: <app>-engine`` and
+``multiplexed_model_id: <adapter id>`` metadata, routing by the adapter id as the ingress's handle
+does. What the ingress does per call (token, shutdown admission, in-flight count, malformed bytes)
+the replica then does itself (:class:`server.cluster.door.FrontDoor`); a replica lost mid-call is
+UNAVAILABLE from the proxy (:mod:`server.cluster.proxy_hooks`), and the python client retries a
+unary Generate once, as the ingress does.
+
 Thread domain: the replica's user-code event loop (Serve runs every method there, the
 constructor included); blocking work goes to worker threads.
 """
@@ -35,7 +44,8 @@ from server.app import ServerApp
 from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
 from server.cluster.config import ClusterConfig
-from server.cluster.rpc import CallContext, RpcStatus
+from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of, parse
+from server.cluster.rpc import CallContext, RawMessage, RpcStatus
 
 log = logging.getLogger("adapterserve.cluster")
 
@@ -66,10 +76,11 @@ class HeldAdapter:
         self.drop()
 
 
-class EngineReplica:
+class EngineReplica(FrontDoor):
     """The engine deployment's class (server.cluster.deploy wraps it in ``serve.deployment``)."""
 
     async def __init__(self, cfg: ClusterConfig):
+        super().__init__(cfg)
         self.cfg = cfg
         self.app = ServerApp(cfg.replica_config())
         self._server_task = await self.app.start_in_loop()
@@ -90,12 +101,12 @@ class EngineReplica:
                  cfg.max_adapters_per_replica)
 
     # ------------------------------------------------------------------ adapters
-    async def _use_adapter(self) -> None:
-        """Make the request's multiplexed adapter id (if any) registered here before its handler runs.
+    async def _use_adapter(self, adapter_id: str) -> None:
+        """Make the request's adapter id (if any) registered here before its handler runs, through
+        the multiplexer (its LRU, and what it tells Serve's routers this replica holds).
 
         A failed load is not an error here: the handler then answers exactly as the single server
         would for that id (NOT_FOUND, INVALID_ARGUMENT naming the field)."""
-        adapter_id = serve.get_multiplexed_model_id()
         if not adapter_id:
             return
         try:
@@ -143,24 +154,62 @@ class EngineReplica:
         await loop.run_in_executor(None, self.unregister_if_current, adapter_id, entry.key)
         return True
 
-    # ------------------------------------------------------------------ gRPC
+    # ------------------------------------------------------------------ gRPC from the ingress
     async def generate(self, data: bytes, timeout_s: float | None = None) -> bytes:
         """GenerationService.Generate on this replica: the single server's servicer, in process."""
-        await self._use_adapter()
-        request = pb.GenerateRequest.FromString(data)
-        response = await self.app.generation_servicer.Generate(request, CallContext(timeout_s))
-        return response.SerializeToString()
+        return await self._generate(pb.GenerateRequest.FromString(data), timeout_s)
 
     async def generate_stream(self, data: bytes, timeout_s: float | None = None) -> AsyncIterator[bytes]:
         """GenerationService.GenerateStream on this replica; a failure raises RpcStatus after the chunks sent."""
-        await self._use_adapter()
-        request = pb.GenerateRequest.FromString(data)
+        async for chunk in self._generate_stream(pb.GenerateRequest.FromString(data), timeout_s):
+            yield chunk
+
+    async def _generate(self, request: pb.GenerateRequest, timeout_s: float | None) -> bytes:
+        await self._use_adapter(adapter_of(request))
+        response = await self.app.generation_servicer.Generate(request, CallContext(timeout_s))
+        return response.SerializeToString()
+
+    async def _generate_stream(self, request: pb.GenerateRequest, timeout_s: float | None) -> AsyncIterator[bytes]:
+        await self._use_adapter(adapter_of(request))
         stream = self.app.generation_servicer.GenerateStream(request, CallContext(timeout_s))
         try:
             async for chunk in stream:
                 yield chunk.SerializeToString()
         finally:
             await stream.aclose()  # cancels the engine request when the caller went away
+
+    # ------------------------------------------------------------------ gRPC from Serve's proxy (direct)
+    async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # the RPC's name: the proxy calls it
+        """GenerationService.Generate called by the gRPC proxy itself (the ``<app>-engine`` application)."""
+        try:
+            self._authorize(GENERATE, grpc_context)
+            request = parse(pb.GenerateRequest, data)
+            self._admit()
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        try:
+            return RawMessage(await self._generate(request, None))
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        finally:
+            self._done()
+
+    async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
+        """GenerationService.GenerateStream called by the gRPC proxy itself; a failure after chunks
+        ends the stream with the single server's status."""
+        try:
+            self._authorize(GENERATE_STREAM, grpc_context)
+            request = parse(pb.GenerateRequest, data)
+            self._admit()
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        try:
+            async for chunk in self._generate_stream(request, None):
+                yield RawMessage(chunk)
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        finally:
+            self._done()
 
     async def model_info(self) -> bytes:
         return self.app.model_info().SerializeToString()
@@ -183,7 +232,7 @@ class EngineReplica:
     async def http(self, scope: dict, body: bytes) -> AsyncIterator[object]:
         """One OpenAI API request through the single server's FastAPI app in process: yields
         (status, headers), then the body's chunks (a stream's events as they come)."""
-        await self._use_adapter()
+        await self._use_adapter(serve.get_multiplexed_model_id())
         async for item in call_asgi(self.http_app, scope, body):
             yield item
 

@@ -3,7 +3,9 @@
 * :func:`add_services` is what Serve's proxy imports (``grpc_servicer_functions``): it registers
   adapterserve.v1's two services and grpc.health.v1.Health with the proxy, each method taking the
   request's raw bytes, so the ingress parses them itself (a malformed message gets
-  INVALID_ARGUMENT, as the single server's interceptor gives, instead of the proxy's own error).
+  INVALID_ARGUMENT, as the single server's interceptor gives, instead of the proxy's own error);
+  and it makes calls without ``application`` metadata go to the ingress application
+  (:mod:`server.cluster.proxy_hooks`). :func:`servicer_function` names it for an ``--app-name``.
 * :class:`RpcStatus` carries a gRPC status from a replica to the ingress (a picklable exception).
 * :class:`CallContext` is the ``context`` the single server's servicers get when a replica calls
   them in process: ``abort`` raises RpcStatus.
@@ -13,7 +15,9 @@ Thread domain: the event loop of whichever process uses them (proxy, ingress or 
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -81,11 +85,35 @@ def _raw_handler(server_streaming: bool) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(never)
 
 
-def add_services(servicer: object, server: grpc.Server) -> None:
+DEFAULT_APP = "adapterserve"  # --app-name's default
+_FOR_APP = "add_services_for_app="
+
+
+def servicer_function(app_name: str) -> str:
+    """The ``grpc_servicer_functions`` entry for the cluster whose ingress application is `app_name`
+    (``server.cluster.rpc.add_services`` for the default name)."""
+    if app_name == DEFAULT_APP:
+        return f"{__name__}.add_services"
+    return f"{__name__}:{_FOR_APP}{app_name}"
+
+
+def __getattr__(name: str) -> Callable[[object, grpc.Server], None]:
+    """``server.cluster.rpc:add_services_for_app=NAME``: add_services with NAME as the default application."""
+    if name.startswith(_FOR_APP) and len(name) > len(_FOR_APP):
+        return functools.partial(add_services, default_app=name[len(_FOR_APP):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_services(servicer: object, server: grpc.Server, default_app: str = DEFAULT_APP) -> None:
     """Register every method of :data:`SERVICES` on Serve's gRPC proxy with raw-bytes requests.
 
     Serve calls this with its own server and a placeholder servicer (its proxy routes each method
-    to the ingress deployment's method of the same name)."""
+    to the named application's ingress deployment's method of the same name; `default_app` when
+    the call names none, and a lost replica is UNAVAILABLE: :mod:`server.cluster.proxy_hooks`)."""
+    from server.cluster.proxy_hooks import default_application, replica_loss_is_unavailable
+
+    default_application(server, default_app)
+    replica_loss_is_unavailable()
     for file, name in SERVICES:
         service = file.pool.FindServiceByName(name)
         handlers = {m.name: _raw_handler(m.server_streaming) for m in service.methods}

@@ -29,7 +29,7 @@ from clients import (
     UnavailableError,
     collect,
 )
-from clients._common import build_generate_request, build_register_request
+from clients._common import build_generate_request, build_register_request, engine_metadata
 from clients.errors import error_class
 
 FINISH = {"length", "stop", "eos"}
@@ -182,6 +182,28 @@ def test_no_retry_for_non_idempotent_calls(fake, served, adapter_dir, call):
              "RegisterAdapter": lambda: c.register_adapter("x", local_dir=adapter_dir),
              "UnregisterAdapter": lambda: c.unregister_adapter("x")}[call]()
         assert fake.calls[call] == n + 1
+
+
+def test_engine_app_routes_generation_and_retries_generate_once(fake, served):
+    """engine_app (a cluster's engine application): Generate/GenerateStream carry Serve's routing
+    metadata, and a unary Generate is retried once on UNAVAILABLE (a replica lost mid-call)."""
+    assert engine_metadata(None, build_generate_request("x", adapter="a")) == ()
+    assert engine_metadata("as-engine", build_generate_request("x", adapter="a")) == (
+        ("application", "as-engine"), ("multiplexed_model_id", "a"))
+    assert engine_metadata("as-engine", build_generate_request("x", adapter={"b": 0.5, "c": 1.0})) == (
+        ("application", "as-engine"), ("multiplexed_model_id", "b"))  # a mix: routed by its first adapter
+    assert engine_metadata("as-engine", build_generate_request("x")) == (("application", "as-engine"),)
+    with AdapterServeClient(served.target, token=served.token, engine_app="as-engine") as c:
+        fake.fail_next["Generate"] = 1
+        n = fake.calls["Generate"]
+        assert c.generate("hi", adapter=None).text == "base: hi"
+        assert fake.calls["Generate"] == n + 2
+        fake.fail_next["Generate"] = 2
+        with pytest.raises(UnavailableError):
+            c.generate("hi")
+        assert "".join(chunk.text for chunk in c.stream("hi")) == "base: hi"
+        assert c.list_adapters() is not None  # other calls as before
+    fake.fail_next.clear()
 
 
 def test_retries_stop_at_the_deadline(fake, served):

@@ -102,17 +102,18 @@ def start_cluster_process(argv: list[str], log: Path, attempts: int = 2) -> tupl
     pytest.fail(f"python -m server.cluster did not serve within {START_TIMEOUT_S:g} s:\n{tail}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_llama, cluster_adapter_root, tmp_path_factory):
+def run_cluster(tiny_llama, adapter_root, tmp_path_factory, *extra: str):
+    """Start `python -m server.cluster` (2 replicas x 2 adapter slots, plus `extra` flags), join its Ray;
+    yields the RunningCluster, then SIGTERM (or SIGKILL of the tree) at teardown."""
     import ray
 
     from server.cluster.config import parse_cluster_config
 
-    argv = ["--model", str(tiny_llama), "--adapter-root", str(cluster_adapter_root), "--port", str(free_port()),
+    argv = ["--model", str(tiny_llama), "--adapter-root", str(adapter_root), "--port", str(free_port()),
             "--http-port", str(free_port()), "--metrics-port", "0", "--replicas", "2",
             "--max-adapters-per-replica", "2", "--replica-cpus", "0.5", "--threads", "1",
             "--kv-cache-tokens", "2048", "--max-batch-size", "8", "--drain-seconds", "0.5",
-            "--grace-seconds", "30", "--object-store-bytes", str(100 * 1024**2), "--log-level", "WARNING"]
+            "--grace-seconds", "30", "--object-store-bytes", str(100 * 1024**2), "--log-level", "WARNING", *extra]
     cfg = parse_cluster_config(argv, env={})
     log = tmp_path_factory.mktemp("cluster") / "cluster.log"
     proc, address = start_cluster_process(argv, log)
@@ -130,6 +131,29 @@ def cluster(tiny_llama, cluster_adapter_root, tmp_path_factory):
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama, cluster_adapter_root, tmp_path_factory):
+    yield from run_cluster(tiny_llama, cluster_adapter_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, cluster_adapter_root):
+    """The single server on the same model and adapter store (every kind registered by path, others loaded
+    on first use as the replicas do)."""
+    from adapterserve.v1 import adapterserve_pb2 as pb
+    from tests.serving import start_server_fixture
+
+    gen = start_server_fixture()
+    start = next(gen)
+    running = start(tiny_llama, adapter_root=str(cluster_adapter_root), kv_cache_tokens=2048, max_batch_size=8,
+                    lazy_adapters=True)  # as every replica runs
+    for kind in KINDS:
+        running.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=kind, path=kind), timeout=60)
+    yield running
+    for _ in gen:
+        pass
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

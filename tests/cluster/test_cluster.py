@@ -20,6 +20,7 @@ import pytest
 import ray  # the `cluster` extra, part of `make test`'s install: these tests never skip
 
 from adapterserve.v1 import adapterserve_pb2 as pb
+from server.cluster.config import engine_app_name
 from tests.cluster.conftest import AFFINITY_ADAPTERS, KINDS
 from tests.serving import make_request
 
@@ -45,23 +46,6 @@ def _get(url: str, timeout: float = 60) -> tuple[int, str]:
 
 def _greedy(adapter_id: str = "", **kw) -> pb.GenerateRequest:
     return make_request("the cluster serves adapters", adapter_id, max_new_tokens=6, temperature=0, **kw)
-
-
-@pytest.fixture(scope="module")
-def single(tiny_llama, cluster_adapter_root):
-    """The single server on the same model and adapter store (every kind registered by path, others loaded
-    on first use as the replicas do)."""
-    from tests.serving import start_server_fixture
-
-    gen = start_server_fixture()
-    start = next(gen)
-    running = start(tiny_llama, adapter_root=str(cluster_adapter_root), kv_cache_tokens=2048, max_batch_size=8,
-                    lazy_adapters=True)  # as every replica runs
-    for kind in KINDS:
-        running.adapters.RegisterAdapter(pb.RegisterAdapterRequest(adapter_id=kind, path=kind), timeout=60)
-    yield running
-    for _ in gen:
-        pass
 
 
 @pytest.mark.parametrize("adapter_id", ["", *KINDS])
@@ -186,7 +170,7 @@ def _running_engine_replicas(app: str) -> int:
 
 def _wait_for_replicas(cluster, n: int, timeout_s: float = 300) -> None:
     end = time.monotonic() + timeout_s
-    while _running_engine_replicas(cluster.cfg.app_name) < n:
+    while _running_engine_replicas(engine_app_name(cluster.cfg)) < n:
         assert time.monotonic() < end, f"Serve did not bring {n} engine replicas back within {timeout_s:g} s"
         time.sleep(1.0)
     time.sleep(1.0)  # the routers hear of a new replica from the controller shortly after it runs
@@ -271,7 +255,7 @@ def _on_every_replica(cluster, adapter_id: str) -> list:
     per replica, or the RpcStatus a replica answered."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("Engine", app_name=cluster.cfg.app_name)
+    handle = serve.get_deployment_handle("Engine", app_name=engine_app_name(cluster.cfg))
     data = _greedy(adapter_id).SerializeToString()
     answers = handle.options(multiplexed_model_id=adapter_id).broadcast("generate", data).results(
         timeout_s=120, return_exceptions=True)

@@ -40,8 +40,9 @@ def test_cli_exits_2_on_a_bad_flag(capsys):
 
 
 def test_rayservice_manifest_builds_the_application():
-    """deploy/rayservice.yaml's Serve config: its import path builds the app from its args; its gRPC
-    servicer function is importable (what Serve's proxy imports)."""
+    """deploy/rayservice.yaml's Serve config: the engine application and the ingress application, each
+    import path building its app from the same args; its gRPC servicer function is importable (what
+    Serve's proxy imports)."""
     from pathlib import Path
 
     import yaml
@@ -49,9 +50,13 @@ def test_rayservice_manifest_builds_the_application():
 
     docs = list(yaml.safe_load_all((Path(__file__).parents[2] / "deploy" / "rayservice.yaml").read_text()))
     serve_config = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])
-    app = serve_config["applications"][0]
-    assert app["import_path"] == "server.cluster.deploy:app_builder"
-    built = import_attr(app["import_path"])(app["args"])
-    assert type(built).__name__ == "Application"
+    apps = {a["name"]: a for a in serve_config["applications"]}
+    assert [(name, a["import_path"], a["route_prefix"]) for name, a in apps.items()] == [
+        ("adapterserve-engine", "server.cluster.deploy:engine_app_builder", "/adapterserve-engine"),
+        ("adapterserve", "server.cluster.deploy:app_builder", "/")]
+    assert apps["adapterserve"]["args"] == apps["adapterserve-engine"]["args"]
+    for app in apps.values():
+        built = import_attr(app["import_path"])(app["args"])
+        assert type(built).__name__ == "Application"
     for fn in serve_config["grpc_options"]["grpc_servicer_functions"]:
         assert callable(import_attr(fn))

@@ -1,0 +1,212 @@
+"""The direct gRPC path: Serve's gRPC proxy calls the engine replicas itself (``application:
+<app>-engine``, ``multiplexed_model_id: <adapter>``), one hop fewer than through the ingress.
+
+One cluster for the module, with a token (the replicas check it themselves on this path): answers
+equal the single server's (the python client's ``engine_app`` option), the token refused on both
+paths, calls without ``application`` still reaching the ingress, adapter affinity counted from the
+replicas' own metrics, bad input, a replica killed under direct load, and SIGTERM with a direct
+stream in flight.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from server.cluster.config import engine_app_name
+from tests.cluster.conftest import AFFINITY_ADAPTERS, run_cluster
+from tests.cluster.test_cluster import (
+    STOP_BOUND_S,
+    _engine_replica_actors,
+    _get,
+    _greedy,
+    _loads_by_replica,
+    _running,
+    _wait_for_replicas,
+)
+from tests.serving import make_request
+
+TOKEN = "cluster-token-1234"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama, cluster_adapter_root, tmp_path_factory):
+    yield from run_cluster(tiny_llama, cluster_adapter_root, tmp_path_factory, "--auth-token", TOKEN)
+
+
+def _direct(cluster, adapter_id: str = "", token: str | None = TOKEN) -> tuple:
+    """Metadata of a direct call: the engine application, the adapter to route by, the token."""
+    md = [("application", engine_app_name(cluster.cfg))]
+    if adapter_id:
+        md.append(("multiplexed_model_id", adapter_id))
+    if token is not None:
+        md.append(("authorization", f"Bearer {token}"))
+    return tuple(md)
+
+
+def _client(cluster, **kw):
+    from clients.client import AdapterServeClient
+
+    return AdapterServeClient(cluster.target, token=TOKEN, engine_app=engine_app_name(cluster.cfg), **kw)
+
+
+@pytest.mark.parametrize("adapter", ["", "lora", "prefix", "ia3", {"lora": 0.5, "hot0": 1.0}])
+def test_direct_answers_equal_the_single_server(cluster, single, adapter):
+    from clients.client import AdapterServeClient
+
+    with AdapterServeClient(single.app.target) as reference, _client(cluster, timeout=120) as client:
+        kw = dict(adapter=adapter or None, max_new_tokens=6, temperature=0)
+        want = reference.generate("the cluster serves adapters", **kw)
+        got = client.generate("the cluster serves adapters", **kw)
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        chunks = list(client.stream("the cluster serves adapters", **kw))
+        assert [t for c in chunks for t in c.token_ids] == want.token_ids
+        assert chunks[-1].finish_reason == want.finish_reason
+        # Calls other than generation name no application: the proxy hands them to the ingress.
+        assert client.health() == "SERVING"
+        assert client.model_info().name == single.app.model.name
+
+
+def test_the_token_is_checked_on_both_paths(cluster, single):
+    direct = cluster.gen.Generate
+    for metadata, path in [(_direct(cluster, "lora", token=None), "direct"), ((), "ingress")]:
+        with pytest.raises(grpc.RpcError) as err:
+            direct(_greedy("lora"), metadata=metadata, timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, path
+        assert "missing credentials" in err.value.details(), path
+        with pytest.raises(grpc.RpcError) as err:
+            list(cluster.gen.GenerateStream(_greedy("lora"), metadata=(*metadata, ("authorization", "Bearer nope")),
+                                            timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, path
+        assert err.value.details() == "invalid token", path
+    answer = direct(_greedy("lora"), metadata=_direct(cluster, "lora"), timeout=120)
+    assert list(answer.token_ids) == list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
+
+
+def test_direct_bad_input_gets_the_single_servers_statuses(cluster):
+    for request, code in [(_greedy("no-such-adapter"), grpc.StatusCode.NOT_FOUND),
+                          (make_request("x", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT)]:
+        with pytest.raises(grpc.RpcError) as err:
+            cluster.gen.Generate(request, metadata=_direct(cluster, request.adapter_id), timeout=120)
+        assert err.value.code() == code
+    raw = cluster.channel.unary_unary("/adapterserve.v1.GenerationService/Generate")
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\xff\xff\xff", metadata=_direct(cluster), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed adapterserve.v1.GenerateRequest" in err.value.details()
+
+
+def test_direct_affinity_after_warm_up(cluster):
+    """As test_cluster's affinity test, every request through the direct path: the proxy's router
+    sends an adapter's requests to the replica holding it (loads counted by the replicas' metrics)."""
+    def one(name: str) -> None:
+        cluster.gen.Generate(make_request("hi", name, max_new_tokens=1), metadata=_direct(cluster, name), timeout=120)
+
+    for warm in range(8):
+        start = sum(_loads_by_replica(cluster).values())
+        for name in AFFINITY_ADAPTERS:
+            one(name)
+        time.sleep(1.0)
+        if warm >= 2 and sum(_loads_by_replica(cluster).values()) == start:
+            break
+    before = _loads_by_replica(cluster)
+    assert len(before) == 2, before
+    order = [AFFINITY_ADAPTERS[(i * 7) % 4] for i in range(40)]
+    for name in order:
+        one(name)
+    after = _loads_by_replica(cluster)
+    loads = sum(after.values()) - sum(before.values())
+    assert 1 - loads / len(order) >= 0.9, (before, after)
+
+
+def test_replica_killed_under_direct_load(cluster):
+    """Kill one engine replica while the proxy streams from it directly: every stream ends OK or
+    UNAVAILABLE (the proxy's INTERNAL for a lost actor is mapped), the client's Generate OK or
+    UNAVAILABLE (after its one retry), nothing hangs; Serve brings the replica back."""
+    from clients.errors import AdapterServeError
+
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    started = threading.Event()
+
+    def stream(i: int) -> None:
+        name = AFFINITY_ADAPTERS[i % 4]
+        req = make_request("a long answer please", name, max_new_tokens=200, min_new_tokens=200)
+        try:
+            for _ in cluster.gen.GenerateStream(req, metadata=_direct(cluster, name), timeout=90):
+                started.set()
+            result = "OK"
+        except grpc.RpcError as e:
+            result = e.code().name
+        with lock:
+            outcomes.append(result)
+
+    def unary(i: int) -> None:
+        try:
+            with _client(cluster, timeout=90) as client:
+                client.generate("hi", adapter=AFFINITY_ADAPTERS[i % 4], max_new_tokens=40)
+            result = "OK"
+        except AdapterServeError as e:
+            result = e.code.name
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    ray.kill(_engine_replica_actors()[0], no_restart=True)
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
+    assert len(outcomes) == 8
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    _wait_for_replicas(cluster, 2)
+    with _client(cluster, timeout=120) as client:
+        for name in AFFINITY_ADAPTERS:
+            assert client.generate("hi", adapter=name, max_new_tokens=2).token_ids
+    assert _get(cluster.http + "/health") == (200, "SERVING")
+
+
+def test_sigterm_lets_a_direct_stream_finish(cluster):
+    """SIGTERM (the module's last test: it stops the cluster) with a direct stream in flight: the
+    engine replica counted it, so it finishes with every token; the process exits 0."""
+    import psutil
+
+    started = psutil.Process(cluster.proc.pid).children(recursive=True)
+    outcome: list = []
+    first = threading.Event()
+
+    def stream() -> None:
+        tokens = 0
+        try:
+            req = make_request("a long answer please", "lora", max_new_tokens=200, min_new_tokens=200)
+            for chunk in cluster.gen.GenerateStream(req, metadata=_direct(cluster, "lora"), timeout=120):
+                tokens += len(chunk.token_ids)
+                first.set()
+            outcome.append(("OK", tokens))
+        except grpc.RpcError as e:
+            outcome.append((e.code().name, tokens))
+        first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    ray.shutdown()
+    cluster.proc.send_signal(signal.SIGTERM)
+    try:
+        code = cluster.proc.wait(STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {STOP_BOUND_S} s after SIGTERM:\n{cluster.log_tail()}")
+    assert code == 0, cluster.log_tail()
+    reader.join(30)
+    assert outcome == [("OK", 200)]
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not [p for p in alive if _running(p)], alive
