@@ -43,8 +43,6 @@ from server.api.http.app import build_app
 from server.app import ServerApp
 from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
-from server.cluster.coalesce import ENABLED as COALESCE
-from server.cluster.coalesce import coalesced
 from server.cluster.config import ClusterConfig
 from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of, parse
 from server.cluster.rpc import CallContext, RawMessage, RpcStatus
@@ -174,12 +172,10 @@ class EngineReplica(FrontDoor):
     async def _generate_stream(self, request: pb.GenerateRequest, timeout_s: float | None) -> AsyncIterator[bytes]:
         await self._use_adapter(adapter_of(request))
         stream = self.app.generation_servicer.GenerateStream(request, CallContext(timeout_s))
-        messages = coalesced(stream) if COALESCE else stream
         try:
-            async for chunk in messages:
+            async for chunk in stream:
                 yield chunk.SerializeToString()
         finally:
-            await messages.aclose()
             await stream.aclose()  # cancels the engine request when the caller went away
 
     # ------------------------------------------------------------------ gRPC from Serve's proxy (direct)
