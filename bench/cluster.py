@@ -8,7 +8,9 @@ same load against (a) the single server (`python -m server`), (b) `python -m ser
 --replicas 1` and (c) `--replicas 2` (on a 2-core host the two replicas share the same cores: each
 gets --threads cores/2). Each setup starts once; then in each round every setup runs the load while
 the others are paused (SIGSTOP of their whole process tree, Ray included), the order reversed every
-other round; medians of tok/s, ratios to the single server (target for 1 replica: >= 0.9x). Each
+other round; medians of tok/s, ratios to the single server (target for 1 replica: >= 0.9x). The
+clusters' Ray workers run at the bench's own niceness (``--ray-worker-niceness 0``; Ray's default
+is 15 nicer than the process that starts it, below the single server's priority). Each
 cluster also runs the load through its engine application directly (``--paths direct``: the
 clients' ``engine_app`` option, one Ray hop fewer: proxy -> engine replica), a setup of its own on
 the same cluster processes, so the two paths are compared within one run. Also
@@ -121,7 +123,10 @@ def throughput(args) -> dict[str, list[LoadResult]]:
         threads = max(1, cores // n)  # replicas on one host share its cores
         for label, env in [("", {}), *args.variant]:
             name = f"cluster, {n} replica{'s' if n > 1 else ''}" + (f", {label}" if label else "")
-            processes[name] = dict(module="server.cluster", args=cluster_args, threads=threads, env=env)
+            # Ray starts its workers (replicas, proxy, controller) at +worker_niceness (15) from the CLI's own
+            # niceness; the single server runs at the bench's: --ray-worker-niceness 0 compares like with like.
+            ray_env = {} if args.ray_worker_niceness is None else {"RAY_worker_niceness": str(args.ray_worker_niceness)}
+            processes[name] = dict(module="server.cluster", args=cluster_args, threads=threads, env={**ray_env, **env})
             if "ingress" in args.paths:
                 setups[name] = dict(process=name, engine_app=None)
             if "direct" in args.paths:
@@ -198,6 +203,10 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", choices=["ingress", "direct"], default=["ingress", "direct"],
                     help="how the load enters each cluster: through the ingress (any gRPC client) and/or "
                          "straight to the engine application (the clients' engine_app option)")
+    ap.add_argument("--ray-worker-niceness", type=int, default=0,
+                    help="RAY_worker_niceness of the clusters: Ray runs its workers this much nicer than the "
+                         "process that starts Ray (Ray's default 15 puts the engine replica below the single "
+                         "server's priority on a shared host; 0: the same; a --variant may override it)")
     ap.add_argument("--variant", type=_variant, action="append", default=[],
                     help="LABEL=KEY=VALUE[,...]: also each cluster setup with these environment variables "
                          "(Ray Serve knobs, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
