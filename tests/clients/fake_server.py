@@ -14,7 +14,8 @@ so authentication and TLS are exercised for real; only the servicers are canned:
   UNAVAILABLE / RESOURCE_EXHAUSTED, ``__midstream_error__`` streams one chunk then INTERNAL;
 * adapters live in a dict; uploads are checked for JSON config and a safetensors header;
 * ``fail_next[method] = n`` makes the next n calls of that method fail with UNAVAILABLE;
-  ``calls[method]`` counts calls that reached the servicer (after authentication).
+  ``calls[method]`` counts calls that reached the servicer (after authentication), ``metadata[method]``
+  is the invocation metadata of the last one.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class _State:
         self.calls: collections.Counter[str] = collections.Counter()
         self.fail_next: collections.Counter[str] = collections.Counter()
         self.cancelled: list[str] = []
+        self.metadata: dict[str, tuple] = {}  # method -> the invocation metadata of its last call
         self.adapter_root = adapter_root
 
     async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.calls[method] += 1
+        self.metadata[method] = tuple((m.key, m.value) for m in context.invocation_metadata() or ())
         if self.fail_next[method] > 0:
             self.fail_next[method] -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: injected outage")
@@ -266,6 +269,11 @@ class FakeServer:
     def calls(self) -> collections.Counter[str]:
         """Calls per method that passed authentication."""
         return self.state.calls
+
+    @property
+    def metadata(self) -> dict[str, tuple]:
+        """Method name -> the invocation metadata of its last call."""
+        return self.state.metadata
 
     @property
     def fail_next(self) -> collections.Counter[str]:

@@ -198,11 +198,23 @@ def test_engine_app_routes_generation_and_retries_generate_once(fake, served):
         n = fake.calls["Generate"]
         assert c.generate("hi", adapter=None).text == "base: hi"
         assert fake.calls["Generate"] == n + 2
+        assert ("application", "as-engine") in fake.metadata["Generate"]
+        list(c.stream("hi", adapter={"m": 1.0, "n": 0.5}, max_new_tokens=1))
+        assert {("application", "as-engine"), ("multiplexed_model_id", "m")} <= set(fake.metadata["GenerateStream"])
+        c.list_adapters()
+        assert not any(k == "application" for k, _ in fake.metadata["ListAdapters"])
         fake.fail_next["Generate"] = 2
         with pytest.raises(UnavailableError):
             c.generate("hi")
         assert "".join(chunk.text for chunk in c.stream("hi")) == "base: hi"
         assert c.list_adapters() is not None  # other calls as before
+
+    async def aio() -> str:
+        async with AsyncAdapterServeClient(served.target, token=served.token, engine_app="as-engine") as c:
+            fake.fail_next["Generate"] = 1
+            return (await c.generate("hi")).text
+
+    assert asyncio.run(aio()) == "base: hi"
     fake.fail_next.clear()
 
 
