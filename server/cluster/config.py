@@ -37,8 +37,7 @@ class ClusterConfig(ServerConfig):
     max_adapters_per_replica: int = _opt(8, "Adapters one replica holds at once: @serve.multiplexed's "
                                          "max_num_models_per_replica (LRU) and the engine's --max-resident-adapters.",
                                          "cluster")
-    replica_cpus: float = _opt(1.0, "CPUs Ray reserves for each engine replica; also its torch threads when "
-                               "--threads is 0 (at least 1).", "cluster")
+    replica_cpus: float = _opt(1.0, "CPUs Ray reserves for each engine replica.", "cluster")
     replica_gpus: float = _opt(0.0, "GPUs Ray reserves for each engine replica (0.5 = two replicas per GPU).",
                                "cluster")
     ingress_replicas: int = _opt(1, "Ingress replicas (request parsing and relaying; no model).", "cluster")
@@ -70,14 +69,6 @@ class ClusterConfig(ServerConfig):
             raise ConfigError(f"--address must be local, auto or ray://HOST:PORT, got {self.address!r}")
 
     @property
-    def replica_threads(self) -> int:
-        """Each replica's torch threads (and OMP_NUM_THREADS, server.cluster.deploy): --threads, else the
-        CPUs Ray reserves for it (at least 1). Ray sets OMP_NUM_THREADS to the reserved CPUs otherwise,
-        and the engine thread's torch ops then run on that many threads whatever torch.set_num_threads
-        said on the main thread (a thread started later takes OpenMP's thread count from the variable)."""
-        return self.threads or max(1, int(self.replica_cpus))
-
-    @property
     def autoscaling(self) -> bool:
         return self.max_replicas > 0
 
@@ -87,7 +78,7 @@ class ClusterConfig(ServerConfig):
         (--lazy-adapters), its own listeners closed (the proxies face the network; the replica's
         gRPC server listens on a free loopback port only)."""
         values = {f: getattr(self, f) for f in ServerConfig.__dataclass_fields__}
-        values.update(host="127.0.0.1", port=0, http_port=0, metrics_port=0, drain_seconds=0.0, threads=self.replica_threads,
+        values.update(host="127.0.0.1", port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
                       max_resident_adapters=self.max_adapters_per_replica, lazy_adapters=True)
         return ServerConfig(**values)
 

@@ -75,8 +75,7 @@ def engine_options(cfg: ClusterConfig) -> dict[str, Any]:
         "name": ENGINE,
         # The engine queues and batches itself: let Serve hand it everything its queue can take.
         "max_ongoing_requests": cfg.max_batch_size + cfg.max_queue,
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
-                              "runtime_env": {"env_vars": {"OMP_NUM_THREADS": omp_threads(cfg)}}},
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         "health_check_period_s": 2.0,
         "health_check_timeout_s": max(30.0, cfg.watchdog_seconds),
         **shutdown_options(cfg, margin_s=5.0),
@@ -87,15 +86,6 @@ def engine_options(cfg: ClusterConfig) -> dict[str, Any]:
     else:
         opts["num_replicas"] = cfg.replicas
     return opts
-
-
-def omp_threads(cfg: ClusterConfig) -> str:
-    """OMP_NUM_THREADS of the engine replicas: this process's when set, else ClusterConfig.replica_threads.
-
-    Ray sets it to the replica's num_cpus (1 by default) when nothing does, and the engine thread's
-    torch ops run on that many threads whatever torch.set_num_threads said on the main thread
-    (bench/README.md, "The replica computed on one thread")."""
-    return os.environ.get("OMP_NUM_THREADS") or str(cfg.replica_threads)
 
 
 def shutdown_options(cfg: ClusterConfig, margin_s: float) -> dict[str, float]:

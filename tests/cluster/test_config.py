@@ -35,22 +35,6 @@ def test_bad_flags_are_refused_naming_the_flag(argv, flag):
         parse_cluster_config(argv, env={})
 
 
-@pytest.mark.parametrize("argv, threads", [(["--threads", "2"], 2), (["--replica-cpus", "3"], 3),
-                                           (["--replica-cpus", "0.5"], 1), ([], 1)])
-def test_replica_threads_reach_torch_and_openmp(monkeypatch, argv, threads):
-    """Each replica's torch threads and its OMP_NUM_THREADS agree: --threads, else its reserved CPUs
-    (Ray would set OMP_NUM_THREADS to num_cpus, and the engine thread's ops would follow that)."""
-    from server.cluster.deploy import engine_options
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cfg = parse_cluster_config(argv, env={})
-    assert cfg.replica_config().threads == threads
-    env = engine_options(cfg)["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env == {"OMP_NUM_THREADS": str(threads)}
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # set for the cluster explicitly: kept
-    assert engine_options(cfg)["ray_actor_options"]["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": "4"}
-
-
 def test_cli_exits_2_on_a_bad_flag(capsys):
     assert main(["--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
