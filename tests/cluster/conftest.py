@@ -120,6 +120,11 @@ def run_cluster(tiny_llama, adapter_root, tmp_path_factory, *extra: str):
     running = RunningCluster(proc, cfg, log, address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")  # the tests' view of Serve
+        # Job ids restart at 01000000 in every cluster, so Serve's cached controller client of an earlier
+        # module's cluster looks current to serve.status() ("Can't find actor ..."): forget it.
+        from ray.serve import context as serve_context
+
+        serve_context._set_global_client(None)
         yield running
     finally:
         running.channel.close()
