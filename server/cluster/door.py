@@ -85,6 +85,17 @@ class FrontDoor:
     async def in_flight(self) -> int:
         return self._in_flight
 
+    def _enter(self, method: str, data: bytes, grpc_context) -> pb.GenerateRequest:
+        """Token, parse and admission of a Generate/GenerateStream call (the caller counts it out with
+        _done); a refusal is raised with its status set on the context."""
+        try:
+            self._authorize(method, grpc_context)
+            request = parse(pb.GenerateRequest, data)
+            self._admit()
+        except RpcStatus as e:
+            raise self._fail(grpc_context, e) from None
+        return request
+
     def _admit(self) -> None:
         """Count a request in (the caller counts it out with _done); UNAVAILABLE once closing, as the
         single server answers during its --grace-seconds."""

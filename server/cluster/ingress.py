@@ -35,7 +35,7 @@ from adapterserve.v1 import adapterserve_pb2 as pb
 from server.api.http.errors import OpenAIError
 from server.cluster.asgi import request_scope
 from server.cluster.config import ENGINE, ClusterConfig, engine_app_name
-from server.cluster.door import FrontDoor, adapter_of, parse
+from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of, parse
 from server.cluster.metrics import merge_replica_metrics
 from server.cluster.rpc import RawMessage, RpcStatus
 
@@ -93,12 +93,7 @@ class Ingress(FrontDoor):
 
     # ------------------------------------------------------------------ GenerationService
     async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # the RPC's name: Serve's gRPC proxy calls the method named like it
-        try:
-            self._authorize("/adapterserve.v1.GenerationService/Generate", grpc_context)
-            request = parse(pb.GenerateRequest, data)
-            self._admit()
-        except RpcStatus as e:
-            raise self._fail(grpc_context, e) from None
+        request = self._enter(GENERATE, data, grpc_context)
         try:
             for attempt in range(2):  # a replica lost mid-call: generation has no side effect, retry once
                 try:
@@ -117,12 +112,7 @@ class Ingress(FrontDoor):
 
     async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
         sent = 0
-        try:
-            self._authorize("/adapterserve.v1.GenerationService/GenerateStream", grpc_context)
-            request = parse(pb.GenerateRequest, data)
-            self._admit()
-        except RpcStatus as e:
-            raise self._fail(grpc_context, e) from None
+        request = self._enter(GENERATE_STREAM, data, grpc_context)
         try:
             async for chunk in self._routed(adapter_of(request), stream=True).generate_stream.remote(data):
                 sent += 1

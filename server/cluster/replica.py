@@ -44,7 +44,7 @@ from server.app import ServerApp
 from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
 from server.cluster.config import ClusterConfig
-from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of, parse
+from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of
 from server.cluster.rpc import CallContext, RawMessage, RpcStatus
 
 log = logging.getLogger("adapterserve.cluster")
@@ -181,12 +181,7 @@ class EngineReplica(FrontDoor):
     # ------------------------------------------------------------------ gRPC from Serve's proxy (direct)
     async def Generate(self, data: bytes, grpc_context=None) -> RawMessage:  # the RPC's name: the proxy calls it
         """GenerationService.Generate called by the gRPC proxy itself (the ``<app>-engine`` application)."""
-        try:
-            self._authorize(GENERATE, grpc_context)
-            request = parse(pb.GenerateRequest, data)
-            self._admit()
-        except RpcStatus as e:
-            raise self._fail(grpc_context, e) from None
+        request = self._enter(GENERATE, data, grpc_context)
         try:
             return RawMessage(await self._generate(request, None))
         except RpcStatus as e:
@@ -197,12 +192,7 @@ class EngineReplica(FrontDoor):
     async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
         """GenerationService.GenerateStream called by the gRPC proxy itself; a failure after chunks
         ends the stream with the single server's status."""
-        try:
-            self._authorize(GENERATE_STREAM, grpc_context)
-            request = parse(pb.GenerateRequest, data)
-            self._admit()
-        except RpcStatus as e:
-            raise self._fail(grpc_context, e) from None
+        request = self._enter(GENERATE_STREAM, data, grpc_context)
         try:
             async for chunk in self._generate_stream(request, None):
                 yield RawMessage(chunk)

@@ -315,14 +315,22 @@ def test_sigterm_stops_the_cluster_cleanly(cluster):
     started = psutil.Process(cluster.proc.pid).children(recursive=True)
     names = " ".join(p.name() for p in started)
     assert "raylet" in names and "ServeController" in names, names
+    _sigterm_with_a_stream_in_flight(cluster, started)
+
+
+def _sigterm_with_a_stream_in_flight(cluster, started: list, metadata: tuple | None = None) -> None:
+    """SIGTERM the cluster once a 200-token stream (sent with `metadata`) has its first token: the stream
+    finishes with every token, the process exits 0 within STOP_BOUND_S, none of `started` remains."""
+    import psutil
+
     outcome: list = []
     first = threading.Event()
 
     def stream() -> None:
         tokens = 0
         try:
-            for chunk in cluster.gen.GenerateStream(make_request("a long answer please", "lora", max_new_tokens=200,
-                                                                 min_new_tokens=200), timeout=120):
+            req = make_request("a long answer please", "lora", max_new_tokens=200, min_new_tokens=200)
+            for chunk in cluster.gen.GenerateStream(req, metadata=metadata, timeout=120):
                 tokens += len(chunk.token_ids)
                 first.set()
             outcome.append(("OK", tokens))
