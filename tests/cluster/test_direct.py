@@ -10,8 +10,6 @@ stream in flight.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import threading
 import time
 
@@ -22,12 +20,11 @@ import ray
 from server.cluster.config import engine_app_name
 from tests.cluster.conftest import AFFINITY_ADAPTERS, run_cluster
 from tests.cluster.test_cluster import (
-    STOP_BOUND_S,
     _engine_replica_actors,
     _get,
     _greedy,
     _loads_by_replica,
-    _running,
+    _sigterm_with_a_stream_in_flight,
     _wait_for_replicas,
 )
 from tests.serving import make_request
@@ -100,6 +97,28 @@ def test_direct_bad_input_gets_the_single_servers_statuses(cluster):
         raw(b"\xff\xff\xff", metadata=_direct(cluster), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed adapterserve.v1.GenerateRequest" in err.value.details()
+
+
+def test_direct_hostile_routing_ids_get_the_single_servers_statuses(cluster, single):
+    """The routing metadata is the client's to write: a traversal id, an id the request does not carry, a
+    long one, NaN sampling. Each call answers as the single server answers the same request (the replica
+    loads by the request's own id, never by the metadata's), and the cluster serves normally after."""
+    def outcome(stub, request, metadata=None) -> tuple:
+        try:
+            return ("OK", tuple(stub.Generate(request, metadata=metadata, timeout=120).token_ids))
+        except grpc.RpcError as e:
+            return (e.code().name, ())
+
+    cases = [(_greedy("../../etc/passwd"), "../../etc/passwd"),
+             (_greedy("no-such-adapter"), "lora"),  # routed to where "lora" lives; the request names another
+             (_greedy("lora"), "r" * 1000),  # an id no replica holds: the request's own adapter still loads
+             (make_request("x", temperature=float("nan")), "lora")]
+    for request, routed in cases:
+        want = outcome(single.gen, request)
+        got = outcome(cluster.gen, request, _direct(cluster, routed))
+        assert got == want, (request.adapter_id, routed)
+    after = cluster.gen.Generate(_greedy("lora"), metadata=_direct(cluster, "lora"), timeout=120)
+    assert list(after.token_ids) == list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
 
 
 def test_direct_affinity_after_warm_up(cluster):
@@ -181,32 +200,4 @@ def test_sigterm_lets_a_direct_stream_finish(cluster):
     import psutil
 
     started = psutil.Process(cluster.proc.pid).children(recursive=True)
-    outcome: list = []
-    first = threading.Event()
-
-    def stream() -> None:
-        tokens = 0
-        try:
-            req = make_request("a long answer please", "lora", max_new_tokens=200, min_new_tokens=200)
-            for chunk in cluster.gen.GenerateStream(req, metadata=_direct(cluster, "lora"), timeout=120):
-                tokens += len(chunk.token_ids)
-                first.set()
-            outcome.append(("OK", tokens))
-        except grpc.RpcError as e:
-            outcome.append((e.code().name, tokens))
-        first.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert first.wait(60)
-    ray.shutdown()
-    cluster.proc.send_signal(signal.SIGTERM)
-    try:
-        code = cluster.proc.wait(STOP_BOUND_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running {STOP_BOUND_S} s after SIGTERM:\n{cluster.log_tail()}")
-    assert code == 0, cluster.log_tail()
-    reader.join(30)
-    assert outcome == [("OK", 200)]
-    gone, alive = psutil.wait_procs(started, timeout=30)
-    assert not [p for p in alive if _running(p)], alive
+    _sigterm_with_a_stream_in_flight(cluster, started, _direct(cluster, "lora"))
