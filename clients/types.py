@@ -221,7 +221,7 @@ class Kernels:
     native_bf16: bool = False
     onednn_bf16: bool = False
     note: str = ""
-    decode: str = ""  # CPU decode-step kernels: "ours", "torch", or "" (not CPU float32 oneDNN)
+    decode: str = ""  # CPU decode-step kernels: "ours", "torch", or "" (not CPU oneDNN, float32 or bf16)
 
 
 @dataclass

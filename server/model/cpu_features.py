@@ -88,7 +88,7 @@ class KernelReport:
     onednn_bf16: bool
     note: str  # why, when the choice is not the fast path for the request; "" otherwise
     # CPU decode steps: "ours" (server/kernels/cpu: gemv up to a few rows, fused decode ops), "torch" (oneDNN
-    # packed matmul + torch ops), or "" (not a CPU float32 oneDNN runtime). Start log only.
+    # packed matmul + torch ops), or "" (not a CPU oneDNN runtime in float32 or bf16). Start log only.
     decode: str = ""
 
     def log_line(self) -> str:
