@@ -12,8 +12,10 @@ other round; medians of tok/s, ratios to the single server (target for 1 replica
 clusters' Ray workers run 15 nicer than the bench (Ray's default; ``--ray-worker-niceness 0``: the
 same niceness as the single server). Each
 cluster also runs the load through its engine application directly (``--paths direct``: the
-clients' ``engine_app`` option, one Ray hop fewer: proxy -> engine replica), a setup of its own on
-the same cluster processes, so the two paths are compared within one run. Also
+clients' ``engine_app`` option, one Ray hop fewer: proxy -> engine replica) and lookaside
+(``--paths lookaside``: the clients' ``lookaside`` option, a lease through the proxy per request, the
+tokens straight from the replica's own gRPC server), setups of their own on the same cluster
+processes, so the paths are compared within one run. Also
 tokens per CPU second of each setup's whole process tree (Ray's processes included): on a busy
 shared host the wall-clock ratio mixes in the other tenants, the CPU ratio is the overhead itself.
 
@@ -117,7 +119,7 @@ def throughput(args) -> dict[str, list[LoadResult]]:
         "single server": dict(module="server", args=[*common, "--max-resident-adapters", str(args.adapters)],
                               threads=cores, env={}),
     }
-    setups: dict[str, dict] = {"single server": dict(process="single server", engine_app=None)}
+    setups: dict[str, dict] = {"single server": dict(process="single server", engine_app=None, lookaside=False)}
     for n in args.replicas:
         cluster_args = [*common, "--replicas", str(n), "--max-adapters-per-replica", str(args.adapters)]
         threads = max(1, cores // n)  # replicas on one host share its cores
@@ -128,9 +130,11 @@ def throughput(args) -> dict[str, list[LoadResult]]:
             ray_env = {} if args.ray_worker_niceness is None else {"RAY_worker_niceness": str(args.ray_worker_niceness)}
             processes[name] = dict(module="server.cluster", args=cluster_args, threads=threads, env={**ray_env, **env})
             if "ingress" in args.paths:
-                setups[name] = dict(process=name, engine_app=None)
+                setups[name] = dict(process=name, engine_app=None, lookaside=False)
             if "direct" in args.paths:
-                setups[f"{name}, direct"] = dict(process=name, engine_app=ENGINE_APP)
+                setups[f"{name}, direct"] = dict(process=name, engine_app=ENGINE_APP, lookaside=False)
+            if "lookaside" in args.paths:
+                setups[f"{name}, lookaside"] = dict(process=name, engine_app=ENGINE_APP, lookaside=True)
     procs: dict[str, ServerProcess] = {}
     runs: dict[str, list[LoadResult]] = {name: [] for name in setups}
     try:
@@ -141,8 +145,9 @@ def throughput(args) -> dict[str, list[LoadResult]]:
             if setup["module"] == "server":  # the single server registers them; cluster replicas load them on use
                 for n in names:
                     register(proc.target, n, n)
-            for path in {s["engine_app"] for s in setups.values() if s["process"] == name}:
-                asyncio.run(run_load(proc.target, prompts, names, 4, len(prompts), engine_app=path))  # warm-up
+            for app, lookaside in {(s["engine_app"], s["lookaside"]) for s in setups.values() if s["process"] == name}:
+                asyncio.run(run_load(proc.target, prompts, names, 4, len(prompts), engine_app=app,  # warm-up
+                                     lookaside=lookaside))
             proc.pause()
         for r in range(args.repeats):
             order = list(setups) if r % 2 == 0 else list(reversed(setups))
@@ -153,7 +158,8 @@ def throughput(args) -> dict[str, list[LoadResult]]:
                     cpu0 = proc.tree_cpu_seconds()
                     by_process0 = proc.tree_cpu_by_process()
                     result = asyncio.run(run_load(proc.target, prompts, names, args.max_new_tokens, len(prompts),
-                                                  engine_app=setups[name]["engine_app"]))
+                                                  engine_app=setups[name]["engine_app"],
+                                                  lookaside=setups[name]["lookaside"]))
                     cpu = proc.tree_cpu_seconds() - cpu0
                     by_process = cpu_per_token(by_process0, proc.tree_cpu_by_process(), result.tokens)
                 finally:
@@ -200,9 +206,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="load rounds per setup (medians reported)")
     ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2],
                     help="cluster setups: replica counts (none: the single server alone, a smoke test)")
-    ap.add_argument("--paths", nargs="+", choices=["ingress", "direct"], default=["ingress", "direct"],
-                    help="how the load enters each cluster: through the ingress (any gRPC client) and/or "
-                         "straight to the engine application (the clients' engine_app option)")
+    ap.add_argument("--paths", nargs="+", choices=["ingress", "direct", "lookaside"],
+                    default=["ingress", "direct", "lookaside"],
+                    help="how the load enters each cluster: through the ingress (any gRPC client), straight to "
+                         "the engine application (the clients' engine_app option), and/or leased from it and "
+                         "sent to the replica's own server (the clients' lookaside option)")
     ap.add_argument("--ray-worker-niceness", type=int, default=None,
                     help="RAY_worker_niceness of the clusters: Ray runs its workers this much nicer than the "
                          "process that starts Ray (default: Ray's, 15, below the single server's priority on a "

@@ -124,10 +124,15 @@ def grpc_request(prompt: str | list[int], adapter: str, max_new: int) -> pb.Gene
 
 
 async def run_load(target: str, prompts: list[str] | list[list[int]], adapters: list[str], max_new: int,
-                   concurrency: int, timeout: float | None = None, engine_app: str | None = None) -> LoadResult:
+                   concurrency: int, timeout: float | None = None, engine_app: str | None = None,
+                   lookaside: bool = False) -> LoadResult:
     """Send len(prompts) requests (request i uses adapters[i % len]) with `concurrency` in flight.
     `timeout`: see run_streams (None: a request past the 600 s gRPC deadline counts as an error).
-    `engine_app`: a cluster's engine application, called directly (clients' ``engine_app`` option)."""
+    `engine_app`: a cluster's engine application, called directly (clients' ``engine_app`` option).
+    `lookaside`: each stream leased from a cluster and sent to the replica it names, through the
+    python client's ``lookaside`` option (its per-chunk conversion included)."""
+    if lookaside:
+        return await run_lookaside_load(target, prompts, adapters, max_new, concurrency, timeout, engine_app)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         return await run_grpc_load(stub, prompts, adapters, max_new, concurrency, timeout, engine_app)
@@ -146,6 +151,43 @@ async def run_grpc_load(stub: pb_grpc.GenerationServiceStub, prompts: list[str] 
             yield len(chunk.token_ids)
 
     return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)
+
+
+async def run_lookaside_load(target: str, prompts: list[str] | list[list[int]], adapters: list[str], max_new: int,
+                             concurrency: int, timeout: float | None = None,
+                             engine_app: str | None = None) -> LoadResult:
+    """:func:`run_load` with ``lookaside``, as the python clients do it (clients' ``lookaside`` option):
+    each stream opens a RoutingService.Lease (routed by its adapter), then streams from the replica's
+    own server with the lease's id; raw stubs, as the other paths, so the client's work per chunk is
+    the same on every path."""
+    from clients._common import LEASE_METADATA, engine_metadata, lease_request
+
+    deadline = 600 if timeout is None else timeout + 30
+    replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.GenerationServiceStub]] = {}
+    leases: set = set()
+    async with grpc.aio.insecure_channel(target) as channel:
+        routing = pb_grpc.RoutingServiceStub(channel)
+
+        async def stream(i: int) -> AsyncIterator[int]:
+            req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
+            lease = routing.Lease(lease_request(req), timeout=deadline, metadata=engine_metadata(engine_app, req) or None)
+            answer = await lease.read()
+            leases.add(lease)  # held until the replica ends it (a dropped call would cancel it)
+            lease.add_done_callback(leases.discard)
+            if answer.address not in replicas:
+                replica_channel = grpc.aio.insecure_channel(answer.address)
+                replicas[answer.address] = (replica_channel, pb_grpc.GenerationServiceStub(replica_channel))
+            stub = replicas[answer.address][1]
+            async for chunk in stub.GenerateStream(req, timeout=deadline, metadata=((LEASE_METADATA, answer.lease_id),)):
+                yield len(chunk.token_ids)
+
+        try:
+            return await run_streams(stream, len(prompts), concurrency, (grpc.RpcError,), timeout)
+        finally:
+            if leases:
+                await asyncio.wait([asyncio.ensure_future(lease.code()) for lease in leases], timeout=1.0)
+            for replica_channel, _ in replicas.values():
+                await replica_channel.close()
 
 
 def median(xs: list[float]) -> float:

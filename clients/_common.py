@@ -89,9 +89,19 @@ def engine_metadata(engine_app: str | None, request: pb.GenerateRequest) -> tupl
     adapter, or the first of a weighted mix) without the ingress hop. Nothing without `engine_app`."""
     if not engine_app:
         return ()
-    adapter = request.adapter_id or (request.adapters[0].adapter_id if len(request.adapters) else "")
+    adapter = routed_adapter(request)
     routing = (("application", engine_app),)
     return (*routing, ("multiplexed_model_id", adapter)) if adapter else routing
+
+
+def routed_adapter(request: pb.GenerateRequest) -> str:
+    """The adapter a cluster routes a request by: its adapter, or the first of a weighted mix ("" = base)."""
+    return request.adapter_id or (request.adapters[0].adapter_id if len(request.adapters) else "")
+
+
+def lease_request(request: pb.GenerateRequest) -> pb.LeaseRequest:
+    """The RoutingService.Lease a lookaside client opens before sending `request` to the replica it names."""
+    return pb.LeaseRequest(adapter_id=routed_adapter(request))
 
 
 def _chat_message(m: Any) -> pb.ChatMessage:
@@ -186,3 +196,9 @@ def build_register_request(adapter_id: str, path: str | None, local_dir: Any, me
     else:
         req.files.CopyFrom(read_adapter_dir(local_dir))
     return req
+
+
+#: Metadata naming the lease of a lookaside generation (server.cluster.lease.LEASE_METADATA).
+LEASE_METADATA = "adapterserve-lease"
+#: How long closing a client waits for the cluster to end the leases of generations that finished.
+LEASE_END_S = 1.0

@@ -26,6 +26,8 @@ from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from clients._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    LEASE_END_S,
+    LEASE_METADATA,
     RETRYABLE_CODES,
     AdapterChoice,
     PathOrBytes,
@@ -35,6 +37,7 @@ from clients._common import (
     call_metadata,
     channel_credentials,
     engine_metadata,
+    lease_request,
 )
 from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
@@ -61,24 +64,35 @@ class AsyncAdapterServeClient:
         tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
         engine_app: str | None = None,
+        lookaside: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self._metadata = call_metadata(token)
         self.engine_app = engine_app
+        self.lookaside = lookaside
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-        opts = [*CHANNEL_OPTIONS, *options]
+        opts = self._options = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.aio.insecure_channel(target, options=opts) if creds is None
                          else grpc.aio.secure_channel(target, creds, options=opts))
         self._gen = pb_grpc.GenerationServiceStub(self._channel)
+        self._routing = pb_grpc.RoutingServiceStub(self._channel)
+        self._replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.GenerationServiceStub]] = {}  # lookaside
+        self._leases: set[Any] = set()  # open lease calls
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
 
     async def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
+        """Close the channel (and lookaside replicas' channels); in-flight calls are cancelled (leases
+        of finished generations get up to LEASE_END_S to end first)."""
+        if self._leases:
+            await asyncio.wait([asyncio.ensure_future(lease.code()) for lease in self._leases], timeout=LEASE_END_S)
+        replicas, self._replicas = list(self._replicas.values()), {}
+        for channel, _ in replicas:
+            await channel.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncAdapterServeClient:
@@ -139,6 +153,8 @@ class AsyncAdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        if self.lookaside:
+            return GenerationResult.from_proto(await self._leased_generate(req, self._timeout(timeout)))
         return GenerationResult.from_proto(await self._call(
             self._gen.Generate, req, timeout, bool(self.engine_app), engine_metadata(self.engine_app, req), retries=1))
 
@@ -172,9 +188,62 @@ class AsyncAdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        if self.lookaside:
+            return self._leased_chunks(req, self._timeout(timeout))
         call = self._gen.GenerateStream(req, timeout=self._timeout(timeout),
                                         metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
         return self._chunks(call)
+
+    # ------------------------------------------------------------------ lookaside (cluster)
+
+    async def _lease(self, req: pb.GenerateRequest, timeout: float | None) -> tuple[Any, pb_grpc.GenerationServiceStub, tuple]:
+        """Open a lease for `req`: (the open lease call, the generation stub of the replica it names, the
+        generation's metadata naming the lease). The replica ends the lease when that generation ends."""
+        lease = self._routing.Lease(lease_request(req), timeout=timeout,
+                                    metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
+        try:
+            answer = await lease.read()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        if answer is grpc.aio.EOF or not answer.address:
+            lease.cancel()
+            raise UnavailableError("the cluster ended the lease without naming a replica",
+                                   grpc.StatusCode.UNAVAILABLE)
+        # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
+        self._leases.add(lease)
+        lease.add_done_callback(self._leases.discard)
+        return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
+
+    def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
+        """The generation stub of a replica's own server (one plaintext channel per address, kept)."""
+        if address not in self._replicas:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
+        return self._replicas[address][1]
+
+    async def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
+        """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(2):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            lease, replica, metadata = await self._lease(req, remaining)
+            try:
+                return await replica.Generate(req, timeout=remaining, metadata=metadata)
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE_CODES:
+                    lease.cancel()  # the replica may never have seen the call: end its lease here
+                if attempt or e.code() not in RETRYABLE_CODES:
+                    raise from_rpc_error(e) from e
+        raise AssertionError("unreachable")
+
+    async def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[StreamChunk]:
+        lease, replica, metadata = await self._lease(req, timeout)
+        try:
+            async for chunk in self._chunks(replica.GenerateStream(req, timeout=timeout, metadata=metadata)):
+                yield chunk
+        except UnavailableError:
+            lease.cancel()  # the replica may never have seen the call: end its lease here
+            raise
 
     @staticmethod
     async def _chunks(call: Any) -> AsyncIterator[StreamChunk]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from clients._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    LEASE_END_S,
+    LEASE_METADATA,
     RETRYABLE_CODES,
     AdapterChoice,
     PathOrBytes,
@@ -31,6 +34,7 @@ from clients._common import (
     call_metadata,
     channel_credentials,
     engine_metadata,
+    lease_request,
 )
 from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
@@ -61,6 +65,14 @@ class AdapterServeClient:
             adapter, one hop fewer than through the ingress (docs/scale-out.md); generate is then
             retried once on UNAVAILABLE (a replica lost mid-call), as the ingress does. Other
             calls are unchanged. None: every call as to a single server.
+        lookaside: against an adapterserve cluster, generate and stream first open a lease
+            (RoutingService.Lease; through ``engine_app`` when given, else through the ingress):
+            the cluster picks the replica holding the adapter and answers the address of that
+            replica's own gRPC server, and the generation is sent there, its tokens coming
+            straight from the replica (no Ray hop per token; docs/scale-out.md, "Lookaside").
+            The lease stays open until the generation ends. The replica's address must be
+            reachable from this client (``--replica-host``); generate is retried once, on a new
+            lease, when the replica answers UNAVAILABLE.
     """
 
     def __init__(
@@ -76,24 +88,38 @@ class AdapterServeClient:
         tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
         engine_app: str | None = None,
+        lookaside: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self._metadata = call_metadata(token)
         self.engine_app = engine_app
+        self.lookaside = lookaside
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-        opts = [*CHANNEL_OPTIONS, *options]
+        opts = self._options = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.insecure_channel(target, options=opts) if creds is None
                          else grpc.secure_channel(target, creds, options=opts))
         self._gen = pb_grpc.GenerationServiceStub(self._channel)
+        self._routing = pb_grpc.RoutingServiceStub(self._channel)
+        self._replicas: dict[str, tuple[grpc.Channel, pb_grpc.GenerationServiceStub]] = {}  # lookaside
+        self._replicas_lock = threading.Lock()
+        self._leases: set[Any] = set()  # open lease calls (set.add/discard: atomic under the GIL)
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ------------------------------------------------------------------ plumbing
 
     def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
+        """Close the channel (and lookaside replicas' channels); in-flight calls are cancelled (leases
+        of finished generations get up to LEASE_END_S to end first)."""
+        end = time.monotonic() + LEASE_END_S
+        while self._leases and time.monotonic() < end:
+            time.sleep(0.01)
+        with self._replicas_lock:
+            replicas, self._replicas = list(self._replicas.values()), {}
+        for channel, _ in replicas:
+            channel.close()
         self._channel.close()
 
     def __enter__(self) -> AdapterServeClient:
@@ -163,6 +189,8 @@ class AdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        if self.lookaside:
+            return GenerationResult.from_proto(self._leased_generate(req, self._timeout(timeout)))
         return GenerationResult.from_proto(self._call(
             self._gen.Generate, req, timeout, bool(self.engine_app), engine_metadata(self.engine_app, req), retries=1))
 
@@ -199,9 +227,65 @@ class AdapterServeClient:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs, request_id=request_id)
+        if self.lookaside:
+            return self._leased_chunks(req, self._timeout(timeout))
         call = self._gen.GenerateStream(req, timeout=self._timeout(timeout),
                                         metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
         return self._chunks(call)
+
+    # ------------------------------------------------------------------ lookaside (cluster)
+
+    def _lease(self, req: pb.GenerateRequest, timeout: float | None) -> tuple[Any, pb_grpc.GenerationServiceStub, tuple]:
+        """Open a lease for `req`: (the open lease call, the generation stub of the replica it names, the
+        generation's metadata naming the lease). The replica ends the lease when that generation ends."""
+        lease = self._routing.Lease(lease_request(req), timeout=timeout,
+                                    metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
+        try:
+            answer = next(lease)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        except StopIteration:
+            answer = pb.LeaseResponse()
+        if not answer.address:
+            lease.cancel()
+            raise UnavailableError("the cluster ended the lease without naming a replica",
+                                   grpc.StatusCode.UNAVAILABLE)
+        # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
+        self._leases.add(lease)
+        lease.add_done_callback(self._leases.discard)
+        return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
+
+    def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
+        """The generation stub of a replica's own server (one plaintext channel per address, kept:
+        the cluster's replicas serve plaintext, as its proxies do)."""
+        with self._replicas_lock:
+            if address not in self._replicas:
+                channel = grpc.insecure_channel(address, options=self._options)
+                self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
+            return self._replicas[address][1]
+
+    def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
+        """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(2):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            lease, replica, metadata = self._lease(req, remaining)
+            try:
+                return replica.Generate(req, timeout=remaining, metadata=metadata)
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE_CODES:
+                    lease.cancel()  # the replica may never have seen the call: end its lease here
+                if attempt or e.code() not in RETRYABLE_CODES:
+                    raise from_rpc_error(e) from e
+        raise AssertionError("unreachable")
+
+    def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
+        lease, replica, metadata = self._lease(req, timeout)
+        try:
+            yield from self._chunks(replica.GenerateStream(req, timeout=timeout, metadata=metadata))
+        except UnavailableError:
+            lease.cancel()  # the replica may never have seen the call: end its lease here
+            raise
 
     @staticmethod
     def _chunks(call: Any) -> Iterator[StreamChunk]:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from importlib import metadata
 
 import grpc
@@ -60,8 +61,11 @@ def _version() -> str:
 class ServerApp:
     """One server: model, engine thread, adapter manager, gRPC server, metrics listener."""
 
-    def __init__(self, cfg: ServerConfig, model: LoadedModel | None = None):
+    def __init__(self, cfg: ServerConfig, model: LoadedModel | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+        """`interceptors`: extra gRPC interceptors, after the token check (server.cluster's lease release)."""
         self.cfg = cfg
+        self._extra_interceptors = tuple(interceptors)
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         # The engine thread re-takes the GIL after every torch op; a short switch interval keeps
         # the gRPC thread from holding it for the default 5 ms while a step waits.
@@ -136,7 +140,7 @@ class ServerApp:
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes)]
         # Auth first (a denied call is never parsed), then malformed messages -> INVALID_ARGUMENT.
-        interceptors = [*server_interceptors(cfg), MalformedMessageInterceptor()]
+        interceptors = [*server_interceptors(cfg), *self._extra_interceptors, MalformedMessageInterceptor()]
         server = grpc.aio.server(interceptors=interceptors, options=opts)
         limits = Limits(max_context=self.max_context, kv_capacity_tokens=self.engine.kv_capacity_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, vocab_size=self.model.tokenizer.vocab_size,

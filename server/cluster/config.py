@@ -43,6 +43,10 @@ class ClusterConfig(ServerConfig):
     ingress_replicas: int = _opt(1, "Ingress replicas (request parsing and relaying; no model).", "cluster")
     app_name: str = _opt("adapterserve", "Ray Serve application name of the ingress (HTTP, every gRPC call "
                          "without `application` metadata); the engine's is <app-name>-engine.", "cluster")
+    replica_host: str = _opt("127.0.0.1", "Address each engine replica's own gRPC server listens on, for "
+                             "lookaside clients (RoutingService.Lease answers it; tokens then go straight from the "
+                             "replica): 127.0.0.1 serves clients on the replica's node only; 0.0.0.0 (answered as "
+                             "the node's IP) any client that reaches the node (docs/scale-out.md).", "cluster")
     object_store_bytes: int = _opt(0, "Object store size of a local Ray instance (0 = Ray's default).", "cluster")
 
     def validate(self) -> None:
@@ -63,6 +67,8 @@ class ClusterConfig(ServerConfig):
         if self.preload:
             raise ConfigError("--preload: in the cluster adapters come from the adapter store under --adapter-root "
                               "(copy them there, or RegisterAdapter through the cluster)")
+        if not self.replica_host or any(c.isspace() for c in self.replica_host):
+            raise ConfigError(f"--replica-host must be an address to listen on, got {self.replica_host!r}")
         if not self.app_name or ":" in self.app_name or "/" in self.app_name:
             raise ConfigError(f"--app-name must be non-empty without ':' or '/', got {self.app_name!r}")
         if self.address != "local" and self.address != "auto" and not self.address.startswith("ray://"):
@@ -75,10 +81,10 @@ class ClusterConfig(ServerConfig):
     def replica_config(self) -> ServerConfig:
         """The ServerConfig each replica's in-process server runs with: the same engine settings, its
         residency limit from --max-adapters-per-replica, adapters loaded from the store on first use
-        (--lazy-adapters), its own listeners closed (the proxies face the network; the replica's
-        gRPC server listens on a free loopback port only)."""
+        (--lazy-adapters), its HTTP and metrics listeners closed (the proxies face the network); its
+        gRPC server listens on a free port of --replica-host (lookaside clients' generations)."""
         values = {f: getattr(self, f) for f in ServerConfig.__dataclass_fields__}
-        values.update(host="127.0.0.1", port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
+        values.update(host=self.replica_host, port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
                       max_resident_adapters=self.max_adapters_per_replica, lazy_adapters=True)
         return ServerConfig(**values)
 

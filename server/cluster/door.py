@@ -28,6 +28,7 @@ from server.cluster.rpc import RpcStatus
 
 GENERATE = "/adapterserve.v1.GenerationService/Generate"
 GENERATE_STREAM = "/adapterserve.v1.GenerationService/GenerateStream"
+LEASE = "/adapterserve.v1.RoutingService/Lease"
 
 
 def adapter_of(request: pb.GenerateRequest) -> str:
@@ -85,12 +86,12 @@ class FrontDoor:
     async def in_flight(self) -> int:
         return self._in_flight
 
-    def _enter(self, method: str, data: bytes, grpc_context) -> pb.GenerateRequest:
-        """Token, parse and admission of a Generate/GenerateStream call (the caller counts it out with
-        _done); a refusal is raised with its status set on the context."""
+    def _enter(self, method: str, data: bytes, grpc_context, message_type=pb.GenerateRequest):
+        """Token, parse and admission of a Generate/GenerateStream/Lease call (the caller counts it out
+        with _done); a refusal is raised with its status set on the context."""
         try:
             self._authorize(method, grpc_context)
-            request = parse(pb.GenerateRequest, data)
+            request = parse(message_type, data)
             self._admit()
         except RpcStatus as e:
             raise self._fail(grpc_context, e) from None

@@ -35,7 +35,7 @@ from adapterserve.v1 import adapterserve_pb2 as pb
 from server.api.http.errors import OpenAIError
 from server.cluster.asgi import request_scope
 from server.cluster.config import ENGINE, ClusterConfig, engine_app_name
-from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of, parse
+from server.cluster.door import GENERATE, GENERATE_STREAM, LEASE, FrontDoor, adapter_of, parse
 from server.cluster.metrics import merge_replica_metrics
 from server.cluster.rpc import RawMessage, RpcStatus
 
@@ -111,10 +111,23 @@ class Ingress(FrontDoor):
             self._done()
 
     async def GenerateStream(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
-        sent = 0
         request = self._enter(GENERATE_STREAM, data, grpc_context)
+        async for chunk in self._relay_stream(grpc_context, adapter_of(request), "generate_stream", data):
+            yield chunk
+
+    async def Lease(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
+        """RoutingService.Lease of a client that names no application: relayed to the replica Serve
+        routes the adapter to (the lease then holds this relay open too)."""
+        request = self._enter(LEASE, data, grpc_context, pb.LeaseRequest)
+        async for chunk in self._relay_stream(grpc_context, request.adapter_id, "lease", data):
+            yield chunk
+
+    async def _relay_stream(self, grpc_context, adapter_id: str, method: str, data: bytes) -> AsyncIterator[RawMessage]:
+        """A streaming engine method's chunks, routed by `adapter_id`; a failure ends the stream with
+        its status (a lost replica: UNAVAILABLE naming the chunks sent). Counts the call out at the end."""
+        sent = 0
         try:
-            async for chunk in self._routed(adapter_of(request), stream=True).generate_stream.remote(data):
+            async for chunk in getattr(self._routed(adapter_id, stream=True), method).remote(data):
                 sent += 1
                 yield RawMessage(chunk)
         except RpcStatus as e:

@@ -22,6 +22,14 @@ the replica then does itself (:class:`server.cluster.door.FrontDoor`); a replica
 UNAVAILABLE from the proxy (:mod:`server.cluster.proxy_hooks`), and the python client retries a
 unary Generate once, as the ingress does.
 
+Lookaside (no Ray hop per token): :meth:`EngineReplica.Lease` (RoutingService, routed to this replica
+by the adapter id as above) makes the adapter resident through the multiplexer and answers the
+address of this replica's own gRPC server (``--replica-host``, the in-process server's port) with a
+lease id; the client sends its Generate/GenerateStream there naming the lease, which stays open
+until that call ends, so Serve counts the request on this replica for its routing and autoscaling
+(:mod:`server.cluster.lease`). The generation itself is the single server's, on its own gRPC
+server, with the same token.
+
 Thread domain: the replica's user-code event loop (Serve runs every method there, the
 constructor included); blocking work goes to worker threads.
 """
@@ -44,12 +52,25 @@ from server.app import ServerApp
 from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
 from server.cluster.config import ClusterConfig
-from server.cluster.door import GENERATE, GENERATE_STREAM, FrontDoor, adapter_of
+from server.cluster.door import GENERATE, GENERATE_STREAM, LEASE, FrontDoor, adapter_of
+from server.cluster.lease import LeaseInterceptor, Leases
 from server.cluster.rpc import CallContext, RawMessage, RpcStatus
 
 log = logging.getLogger("adapterserve.cluster")
 
 MULTIPLEX_ATTR = "__serve_multiplex_wrapper"  # where @serve.multiplexed keeps its LRU (ray.serve.api)
+
+
+def advertised_address(host: str, port: int) -> str:
+    """``host:port`` lookaside clients dial for a server listening on ``host``: a wildcard address is
+    answered as this node's IP (Ray's view of it), an IPv6 literal in brackets."""
+    if host in ("0.0.0.0", "::", "[::]"):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 class HeldAdapter:
@@ -82,7 +103,9 @@ class EngineReplica(FrontDoor):
     async def __init__(self, cfg: ClusterConfig):
         super().__init__(cfg)
         self.cfg = cfg
-        self.app = ServerApp(cfg.replica_config())
+        self._closed = asyncio.Event()  # set by close(): leases end, their generations run on
+        self.leases = Leases(self._closed)
+        self.app = ServerApp(cfg.replica_config(), interceptors=[LeaseInterceptor(self.leases)])
         self._server_task = await self.app.start_in_loop()
         context = serve.get_replica_context()
         self.admin_service = ClusterAdapterService(
@@ -90,6 +113,7 @@ class EngineReplica(FrontDoor):
             model_args=self.app.model.args, adapter_root=cfg.adapter_root, limits=self.app.adapter_limits)
         self.http_app = build_app(dataclasses.replace(self.app.http_context(), adapter_service=self.admin_service))
         self.replica_id = context.replica_id.unique_id
+        self.address = advertised_address(cfg.replica_host, self.app.port)
         self._admin_lock = threading.Lock()  # this replica's loads and unloads, one at a time
         self._evictions: dict[str, int] = {}  # id -> evictions seen (a load racing an eviction reloads)
 
@@ -200,6 +224,38 @@ class EngineReplica(FrontDoor):
             raise self._fail(grpc_context, e) from None
         finally:
             self._done()
+
+    # ------------------------------------------------------------------ lookaside (RoutingService)
+    async def Lease(self, data: bytes, grpc_context=None) -> AsyncIterator[RawMessage]:
+        """RoutingService.Lease: the adapter made resident here, then this replica's own address and a
+        lease id; the call stays open until the generation naming the lease ends (server.cluster.lease)."""
+        request = self._enter(LEASE, data, grpc_context, pb.LeaseRequest)
+        try:
+            async for answer in self.lease(request.SerializeToString()):
+                yield RawMessage(answer)
+        finally:
+            self._done()
+
+    async def lease(self, data: bytes) -> AsyncIterator[bytes]:
+        """RoutingService.Lease here (the ingress relays it for clients that name no application)."""
+        await self._use_adapter(pb.LeaseRequest.FromString(data).adapter_id)
+        lease_id = self.leases.open()
+        try:
+            yield pb.LeaseResponse(address=self.address, replica=self.replica_id, lease_id=lease_id).SerializeToString()
+            await self.leases.hold(lease_id)
+        finally:
+            self.leases.end(lease_id)
+
+    async def close(self) -> int:
+        """Shutdown phase 2 (server.cluster.deploy.Cluster.stop): new calls UNAVAILABLE on every path,
+        the direct port's included; leases end; returns the calls and generations still running."""
+        await super().close()
+        self._closed.set()
+        self.app.engine.close("server is shutting down")
+        return await self.in_flight()
+
+    async def in_flight(self) -> int:
+        return self._in_flight + self.app.engine.num_active()
 
     async def model_info(self) -> bytes:
         return self.app.model_info().SerializeToString()

@@ -1,7 +1,7 @@
 """gRPC glue between Serve's gRPC proxy, the ingress and the replicas' in-process servicers.
 
 * :func:`add_services` is what Serve's proxy imports (``grpc_servicer_functions``): it registers
-  adapterserve.v1's two services and grpc.health.v1.Health with the proxy, each method taking the
+  adapterserve.v1's three services and grpc.health.v1.Health with the proxy, each method taking the
   request's raw bytes, so the ingress parses them itself (a malformed message gets
   INVALID_ARGUMENT, as the single server's interceptor gives, instead of the proxy's own error);
   and it makes calls without ``application`` metadata go to the ingress application
@@ -72,6 +72,7 @@ class RawMessage:
 SERVICES: tuple[tuple[FileDescriptor, str], ...] = (
     (pb.DESCRIPTOR, "adapterserve.v1.GenerationService"),
     (pb.DESCRIPTOR, "adapterserve.v1.AdapterService"),
+    (pb.DESCRIPTOR, "adapterserve.v1.RoutingService"),
     (health_pb2.DESCRIPTOR, "grpc.health.v1.Health"),
 )
 

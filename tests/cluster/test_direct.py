@@ -1,11 +1,14 @@
-"""The direct gRPC path: Serve's gRPC proxy calls the engine replicas itself (``application:
+"""The direct gRPC paths. Direct: Serve's gRPC proxy calls the engine replicas itself (``application:
 <app>-engine``, ``multiplexed_model_id: <adapter>``), one hop fewer than through the ingress.
+Lookaside: a RoutingService.Lease routed the same way (or relayed by the ingress) names a replica's
+own gRPC server, and the generation goes there (no Ray hop per token).
 
 One cluster for the module, with a token (the replicas check it themselves on this path): answers
 equal the single server's (the python client's ``engine_app`` option), the token refused on both
 paths, calls without ``application`` still reaching the ingress, adapter affinity counted from the
 replicas' own metrics, bad input, a replica killed under direct load, and SIGTERM with a direct
-stream in flight.
+stream in flight; the same for lookaside (its answers, the token on the lease and on the replica's
+own port, bad input, the lease ending with its generation, a killed replica, SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import grpc
 import pytest
 import ray
 
+from adapterserve.v1 import adapterserve_pb2 as pb
+from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from server.cluster.config import engine_app_name
 from tests.cluster.conftest import AFFINITY_ADAPTERS, run_cluster
 from tests.cluster.test_cluster import (
@@ -121,6 +126,73 @@ def test_direct_hostile_routing_ids_get_the_single_servers_statuses(cluster, sin
     assert list(after.token_ids) == list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
 
 
+# ---------------------------------------------------------------------------------- lookaside
+def _lookaside(cluster, via_engine_app: bool = True, **kw):
+    from clients.client import AdapterServeClient
+
+    app = engine_app_name(cluster.cfg) if via_engine_app else None
+    return AdapterServeClient(cluster.target, token=TOKEN, engine_app=app, lookaside=True, **kw)
+
+
+@pytest.mark.parametrize("adapter,via_engine_app", [("", True), ("lora", True), ("prefix", True), ("ia3", True),
+                                                    ({"lora": 0.5, "hot0": 1.0}, True), ("lora", False)])
+def test_lookaside_answers_equal_the_single_server(cluster, single, adapter, via_engine_app):
+    """Lease (through the engine application, or relayed by the ingress), then the replica's own server:
+    the single server's tokens, unary and streamed."""
+    from clients.client import AdapterServeClient
+
+    with AdapterServeClient(single.app.target) as reference, \
+            _lookaside(cluster, via_engine_app, timeout=120) as client:
+        kw = dict(adapter=adapter or None, max_new_tokens=6, temperature=0)
+        want = reference.generate("the cluster serves adapters", **kw)
+        got = client.generate("the cluster serves adapters", **kw)
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        chunks = list(client.stream("the cluster serves adapters", **kw))
+        assert [t for c in chunks for t in c.token_ids] == want.token_ids
+        assert chunks[-1].finish_reason == want.finish_reason
+
+
+def _lease(cluster, adapter: str, token: str | None = TOKEN) -> tuple:
+    """(the open lease call, its answer) through the engine application."""
+    call = pb_grpc.RoutingServiceStub(cluster.channel).Lease(
+        pb.LeaseRequest(adapter_id=adapter), metadata=_direct(cluster, adapter, token), timeout=120)
+    return call, next(call)
+
+
+def test_lookaside_token_lease_and_the_lease_ending_with_its_generation(cluster, single):
+    """The lease checks the token, and so does the replica's own server; a leased generation answers
+    as the single server's, and its lease then ends OK; bad input gets the single server's statuses."""
+    with pytest.raises(grpc.RpcError) as err:
+        _lease(cluster, "lora", token=None)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    lease, answer = _lease(cluster, "lora")
+    assert answer.address.startswith("127.0.0.1:") and len(answer.lease_id) == 32 and answer.replica
+    with grpc.insecure_channel(answer.address) as channel:
+        replica = pb_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            replica.Generate(_greedy("lora"), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        md = (("authorization", f"Bearer {TOKEN}"), ("adapterserve-lease", answer.lease_id))
+        got = replica.Generate(_greedy("lora"), metadata=md, timeout=120)
+        assert list(got.token_ids) == list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
+        assert list(lease) == [] and lease.code() == grpc.StatusCode.OK  # ended by the replica, not the client
+    from clients.errors import InvalidArgumentError, NotFoundError
+
+    with _lookaside(cluster, timeout=120) as client:
+        with pytest.raises(NotFoundError):
+            client.generate("x", adapter="no-such-adapter", max_new_tokens=2)
+        with pytest.raises(InvalidArgumentError, match="temperature"):
+            list(client.stream("x", adapter="lora", max_new_tokens=2, temperature=-1.0))
+        with pytest.raises(InvalidArgumentError, match="adapter_id"):
+            client.generate("x", adapter="../../etc/passwd", max_new_tokens=2)
+    raw = cluster.channel.unary_stream("/adapterserve.v1.RoutingService/Lease")
+    for metadata in (_direct(cluster), (("authorization", f"Bearer {TOKEN}"),)):  # engine application, ingress
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(b"\xff\xff\xff", metadata=metadata, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed adapterserve.v1.LeaseRequest" in err.value.details()
+
+
 def test_direct_affinity_after_warm_up(cluster):
     """As test_cluster's affinity test, every request through the direct path: the proxy's router
     sends an adapter's requests to the replica holding it (loads counted by the replicas' metrics)."""
@@ -176,8 +248,22 @@ def test_replica_killed_under_direct_load(cluster):
         with lock:
             outcomes.append(result)
 
+    def leased(i: int) -> None:  # lookaside: a stream and a unary call straight to the replica
+        try:
+            with _lookaside(cluster, timeout=90) as client:
+                name = AFFINITY_ADAPTERS[i % 4]
+                for _ in client.stream("a long answer please", adapter=name, max_new_tokens=200, ignore_eos=True):
+                    started.set()
+                client.generate("hi", adapter=name, max_new_tokens=40)
+            result = "OK"
+        except AdapterServeError as e:
+            result = e.code.name
+        with lock:
+            outcomes.append(result)
+
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=leased, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     assert started.wait(60)
@@ -185,7 +271,7 @@ def test_replica_killed_under_direct_load(cluster):
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
-    assert len(outcomes) == 8
+    assert len(outcomes) == 12
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
     _wait_for_replicas(cluster, 2)
     with _client(cluster, timeout=120) as client:
@@ -195,9 +281,30 @@ def test_replica_killed_under_direct_load(cluster):
 
 
 def test_sigterm_lets_a_direct_stream_finish(cluster):
-    """SIGTERM (the module's last test: it stops the cluster) with a direct stream in flight: the
-    engine replica counted it, so it finishes with every token; the process exits 0."""
+    """SIGTERM (the module's last test: it stops the cluster) with a direct stream and a lookaside stream
+    in flight: the engine replica counted both, so both finish with every token; the process exits 0."""
     import psutil
 
     started = psutil.Process(cluster.proc.pid).children(recursive=True)
+    leased: list = []
+    first = threading.Event()
+
+    def lookaside_stream() -> None:
+        tokens = 0
+        try:
+            with _lookaside(cluster, timeout=120) as client:
+                for chunk in client.stream("a long answer please", adapter="hot0", max_new_tokens=200,
+                                           ignore_eos=True):
+                    tokens += len(chunk.token_ids)
+                    first.set()
+            leased.append(("OK", tokens))
+        except Exception as e:  # (recorded: the assertion below names it)
+            leased.append((repr(e), tokens))
+        first.set()
+
+    reader = threading.Thread(target=lookaside_stream)
+    reader.start()
+    assert first.wait(60)
     _sigterm_with_a_stream_in_flight(cluster, started, _direct(cluster, "lora"))
+    reader.join(30)
+    assert leased == [("OK", 200)]

@@ -365,3 +365,19 @@ class Adapter(_message.Message):
     base_model: str
     active_requests: int
     def __init__(self, adapter_id: _Optional[str] = ..., type: _Optional[_Union[AdapterType, str]] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., merged: _Optional[bool] = ..., load_ms: _Optional[float] = ..., base_model: _Optional[str] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class LeaseResponse(_message.Message):
+    __slots__ = ("address", "replica", "lease_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    replica: str
+    lease_id: str
+    def __init__(self, address: _Optional[str] = ..., replica: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...

@@ -398,3 +398,108 @@ class AdapterService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RoutingServiceStub:
+    """---------------------------------------------------------------- cluster routing (lookaside)
+
+    Served by a cluster (python -m server.cluster; with `application: <app>-engine` and
+    `multiplexed_model_id: <adapter id>` metadata Serve's proxy calls the engine replicas itself,
+    without them the ingress relays the call): Ray Serve routes the lease to the engine replica that
+    holds the adapter (or loads it there), and the replica answers the address of its own gRPC
+    server. The client sends its Generate/GenerateStream there, tokens going straight from the
+    replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
+    call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
+    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
+    implement it (UNIMPLEMENTED).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Lease = channel.unary_stream(
+                '/adapterserve.v1.RoutingService/Lease',
+                request_serializer=adapterserve_dot_v1_dot_adapterserve__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_adapterserve__pb2.LeaseResponse.FromString,
+                _registered_method=True)
+
+
+class RoutingServiceServicer:
+    """---------------------------------------------------------------- cluster routing (lookaside)
+
+    Served by a cluster (python -m server.cluster; with `application: <app>-engine` and
+    `multiplexed_model_id: <adapter id>` metadata Serve's proxy calls the engine replicas itself,
+    without them the ingress relays the call): Ray Serve routes the lease to the engine replica that
+    holds the adapter (or loads it there), and the replica answers the address of its own gRPC
+    server. The client sends its Generate/GenerateStream there, tokens going straight from the
+    replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
+    call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
+    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
+    implement it (UNIMPLEMENTED).
+    """
+
+    def Lease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RoutingServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Lease': grpc.unary_stream_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=adapterserve_dot_v1_dot_adapterserve__pb2.LeaseRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_adapterserve__pb2.LeaseResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'adapterserve.v1.RoutingService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('adapterserve.v1.RoutingService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RoutingService:
+    """---------------------------------------------------------------- cluster routing (lookaside)
+
+    Served by a cluster (python -m server.cluster; with `application: <app>-engine` and
+    `multiplexed_model_id: <adapter id>` metadata Serve's proxy calls the engine replicas itself,
+    without them the ingress relays the call): Ray Serve routes the lease to the engine replica that
+    holds the adapter (or loads it there), and the replica answers the address of its own gRPC
+    server. The client sends its Generate/GenerateStream there, tokens going straight from the
+    replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
+    call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
+    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
+    implement it (UNIMPLEMENTED).
+    """
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adapterserve.v1.RoutingService/Lease',
+            adapterserve_dot_v1_dot_adapterserve__pb2.LeaseRequest.SerializeToString,
+            adapterserve_dot_v1_dot_adapterserve__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
