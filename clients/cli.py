@@ -11,7 +11,8 @@ default 127.0.0.1:50051), ``--token`` / ``--token-file`` (env ADAPTERSERVE_TOKEN
 ``--tls-ca`` (env ADAPTERSERVE_TLS_CA), ``--tls-cert``/``--tls-key`` for mutual TLS
 (env ADAPTERSERVE_CLIENT_CERT / ADAPTERSERVE_CLIENT_KEY), ``--timeout``, and against a cluster
 ``--engine-app`` (env ADAPTERSERVE_ENGINE_APP: generate and chat go straight to the engine
-replica holding the adapter, one hop fewer; docs/scale-out.md).
+replica holding the adapter, one hop fewer) and ``--lookaside`` (env ADAPTERSERVE_LOOKASIDE=1:
+generate and chat lease the replica and stream from its own server; docs/scale-out.md).
 Exit status: 0 success, 1 the call failed (message on stderr), 2 bad usage, 130 interrupted.
 """
 
@@ -118,6 +119,7 @@ def _make_client(args: argparse.Namespace, default_timeout: float = DEFAULT_TIME
             tls_key=getattr(args, "tls_key", None) or env.get("ADAPTERSERVE_CLIENT_KEY") or None,
             timeout=timeout,
             engine_app=getattr(args, "engine_app", None) or env.get("ADAPTERSERVE_ENGINE_APP") or None,
+            lookaside=bool(getattr(args, "lookaside", False)) or env.get("ADAPTERSERVE_LOOKASIDE") == "1",
         )
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from e
@@ -517,6 +519,9 @@ def _connection_options() -> argparse.ArgumentParser:
     g.add_argument("--engine-app", help="against `python -m server.cluster`: its engine application "
                                         "(adapterserve-engine) for generate and chat, one hop fewer "
                                         "[env ADAPTERSERVE_ENGINE_APP]")
+    g.add_argument("--lookaside", action="store_true",
+                   help="against `python -m server.cluster`: lease the replica holding the adapter and "
+                        "generate on its own gRPC server (no Ray hop per token) [env ADAPTERSERVE_LOOKASIDE=1]")
     return p
 
 

@@ -51,6 +51,7 @@ class _State:
         self.uploads: dict[str, pb.AdapterFiles] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.fail_next: collections.Counter[str] = collections.Counter()
+        self.ended_leases: set[str] = set()  # lease ids of generations that ended (their metadata named them)
         self.cancelled: list[str] = []
         self.metadata: dict[str, tuple] = {}  # method -> the invocation metadata of its last call
         self.adapter_root = adapter_root
@@ -58,6 +59,7 @@ class _State:
     async def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.calls[method] += 1
         self.metadata[method] = tuple((m.key, m.value) for m in context.invocation_metadata() or ())
+        self.ended_leases.update(v for k, v in self.metadata[method] if k == "adapterserve-lease")  # (instant)
         if self.fail_next[method] > 0:
             self.fail_next[method] -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: injected outage")
@@ -246,6 +248,25 @@ class FakeAdapters(pb_grpc.AdapterServiceServicer):
         return adapter
 
 
+class FakeRouting(pb_grpc.RoutingServiceServicer):
+    """A cluster's lease, leasing this fake itself: answers its own address and a lease id, then stays
+    open until a generation naming that id ended (``ended_leases``) or 5 s passed."""
+
+    def __init__(self, state: _State, server: FakeServer) -> None:
+        self.state = state
+        self.server = server
+
+    async def Lease(self, request, context):
+        await self.state.enter("Lease", context)
+        self.state.calls["lease:" + request.adapter_id] += 1
+        lease_id = f"lease-{self.state.calls['Lease']}"
+        yield pb.LeaseResponse(address=self.server.target, replica="fake", lease_id=lease_id)
+        for _ in range(500):
+            if lease_id in self.state.ended_leases:
+                return
+            await asyncio.sleep(0.01)
+
+
 class FakeServer:
     """Start with ``FakeServer(cfg).start()``; ``.target`` to connect; ``.stop()`` when done."""
 
@@ -287,6 +308,7 @@ class FakeServer:
         server = grpc.aio.server(interceptors=server_interceptors(self.cfg))
         pb_grpc.add_GenerationServiceServicer_to_server(FakeGeneration(self.state), server)
         pb_grpc.add_AdapterServiceServicer_to_server(FakeAdapters(self.state), server)
+        pb_grpc.add_RoutingServiceServicer_to_server(FakeRouting(self.state, self), server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([

@@ -218,6 +218,50 @@ def test_engine_app_routes_generation_and_retries_generate_once(fake, served):
     fake.fail_next.clear()
 
 
+def test_lookaside_leases_then_generates_on_the_leased_replica(fake, served):
+    """lookaside: a lease routed like engine_app's calls (through the engine application when given),
+    then the generation on the address it names, with the token and the lease's id; the replica's
+    statuses as they are; a replica UNAVAILABLE for a unary Generate: once more on a new lease."""
+    from clients._common import LEASE_METADATA
+
+    with AdapterServeClient(served.target, token=served.token, engine_app="as-engine", lookaside=True) as c:
+        leases = fake.calls["Lease"]
+        assert c.generate("hi").text == "base: hi"
+        assert fake.calls["Lease"] == leases + 1
+        assert (LEASE_METADATA, f"lease-{leases + 1}") in fake.metadata["Generate"]
+        assert ("authorization", f"Bearer {served.token}") in fake.metadata["Generate"]
+        assert "".join(chunk.text for chunk in c.stream("hi")) == "base: hi"
+        assert (LEASE_METADATA, f"lease-{leases + 2}") in fake.metadata["GenerateStream"]
+        with pytest.raises(NotFoundError):  # the leased replica's own answer
+            c.generate("hi", adapter="no-such")
+        assert {("application", "as-engine"), ("multiplexed_model_id", "no-such")} <= set(fake.metadata["Lease"])
+        assert fake.calls["lease:no-such"] == 1
+        fake.fail_next["Generate"] = 1
+        before = fake.calls["Lease"]
+        assert c.generate("hi").text == "base: hi"
+        assert fake.calls["Lease"] == before + 2  # the retry took a new lease
+        fake.fail_next["Generate"] = 2
+        with pytest.raises(UnavailableError):
+            c.generate("hi")
+        fake.fail_next["Lease"] = 1
+        with pytest.raises(UnavailableError):  # no lease, no generation
+            c.generate("hi")
+    with AdapterServeClient(served.target, token=served.token, lookaside=True) as c:  # no engine_app: the ingress
+        assert c.generate("hi").text == "base: hi"
+        assert not any(k == "application" for k, _ in fake.metadata["Lease"])
+
+    async def aio() -> tuple[str, str]:
+        async with AsyncAdapterServeClient(served.target, token=served.token, engine_app="as-engine",
+                                           lookaside=True) as c:
+            fake.fail_next["Generate"] = 1
+            text = (await c.generate("hi")).text
+            streamed = "".join([chunk.text async for chunk in c.stream("hi")])
+            return text, streamed
+
+    assert asyncio.run(aio()) == ("base: hi", "base: hi")
+    fake.fail_next.clear()
+
+
 def test_retries_stop_at_the_deadline(fake, served):
     with AdapterServeClient(served.target, token=served.token, retries=100, timeout=0.5) as c:
         fake.fail_next["ListAdapters"] = 1000
