@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapterserve cluster serving: gRPC :{cfg.port}, HTTP {cfg.http_host}:{cfg.http_port}, "
                   f"Ray {cluster.ray_address}", flush=True)
             serving = True
-        stop.wait()
+        # A timed wait: the main thread returns to the interpreter every second, so the SIGTERM handler
+        # runs even when the kernel delivered the signal to one of Ray's threads (an untimed wait
+        # would not wake: a cluster under bench.cluster once kept serving 120 s after SIGTERM).
+        while not stop.wait(1.0):
+            pass
     finally:
         cluster.stop(drain_s=cfg.drain_seconds if serving else 0.0)
     log.info("cluster stopped")
