@@ -59,12 +59,6 @@ SERVE_ENV_DEFAULTS = {
 #: (not the application's runtime env): set for a Ray this process starts (``--address local``), this
 #: process's environment winning. The proxies' router then runs on their main loop too.
 RAY_PROCESS_ENV_DEFAULTS = {k: v for k, v in SERVE_ENV_DEFAULTS.items() if k != "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"}
-#: A Ray this process starts runs its workers (the engine replicas, Serve's proxies and controller) at
-#: this process's own priority, not Ray's default of 15 nicer: the replicas are the server, and at
-#: nice +15 any other process on their cores (on a benchmark host, the load generator itself)
-#: preempts the engine's thread team mid-step (bench/README.md: 1.03-1.04x with the same load, and
-#: what keeps the lookaside path at or above 0.9x of the single server there).
-RAY_PROCESS_ENV_DEFAULTS["RAY_worker_niceness"] = "0"
 
 
 def _runtime_env() -> dict[str, Any]:
