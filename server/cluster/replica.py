@@ -231,14 +231,18 @@ class EngineReplica(FrontDoor):
         lease id; the call stays open until the generation naming the lease ends (server.cluster.lease)."""
         request = self._enter(LEASE, data, grpc_context, pb.LeaseRequest)
         try:
-            async for answer in self.lease(request.SerializeToString()):
+            async for answer in self._leased(request.adapter_id):
                 yield RawMessage(answer)
         finally:
             self._done()
 
     async def lease(self, data: bytes) -> AsyncIterator[bytes]:
-        """RoutingService.Lease here (the ingress relays it for clients that name no application)."""
-        await self._use_adapter(pb.LeaseRequest.FromString(data).adapter_id)
+        """RoutingService.Lease relayed by the ingress (clients that name no application)."""
+        async for answer in self._leased(pb.LeaseRequest.FromString(data).adapter_id):
+            yield answer
+
+    async def _leased(self, adapter_id: str) -> AsyncIterator[bytes]:
+        await self._use_adapter(adapter_id)
         lease_id = self.leases.open()
         try:
             yield pb.LeaseResponse(address=self.address, replica=self.replica_id, lease_id=lease_id).SerializeToString()
