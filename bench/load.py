@@ -172,6 +172,8 @@ async def run_lookaside_load(target: str, prompts: list[str] | list[list[int]], 
             req = grpc_request(prompts[i], adapters[i % len(adapters)], max_new)
             lease = routing.Lease(lease_request(req), timeout=deadline, metadata=engine_metadata(engine_app, req) or None)
             answer = await lease.read()
+            if answer is grpc.aio.EOF:  # (counted as the stream's error)
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "lease ended without an address")
             leases.add(lease)  # held until the replica ends it (a dropped call would cancel it)
             lease.add_done_callback(leases.discard)
             if answer.address not in replicas:

@@ -202,3 +202,32 @@ def build_register_request(adapter_id: str, path: str | None, local_dir: Any, me
 LEASE_METADATA = "adapterserve-lease"
 #: How long closing a client waits for the cluster to end the leases of generations that finished.
 LEASE_END_S = 1.0
+
+
+def _host_of(target: str) -> str:
+    """The host part of a gRPC target ("host:port", "[v6]:port", "dns:///host:port"; "" if none)."""
+    target = target.split("///", 1)[-1]
+    if target.startswith("["):
+        return target[1:target.find("]")]
+    return target.rsplit(":", 1)[0] if ":" in target else target
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "0:0:0:0:0:0:0:1")
+
+
+def replica_address_problem(address: str, target: str) -> str | None:
+    """Why a lookaside client at `target` must not dial the replica `address` a lease named, or None:
+    a loopback address (``--replica-host 127.0.0.1``, the default) names this client's own machine
+    unless the cluster's own target is loopback too."""
+    if not address:
+        return "the cluster ended the lease without naming a replica"
+    if _is_loopback(_host_of(address)) and not _is_loopback(_host_of(target)):
+        return (f"the leased replica listens on {address}, a loopback address (the cluster's --replica-host): "
+                f"this client reaches the cluster at {target}; start it with --replica-host 0.0.0.0")
+    return None
+
+
+#: Why lookaside refuses TLS settings: the replicas' own servers, like Serve's proxies, are plaintext.
+LOOKASIDE_PLAINTEXT = ("lookaside: a cluster's replicas serve plaintext (as Ray Serve's proxies do), so the token "
+                       "and prompts would leave TLS; use the proxy paths (engine_app, or none) with TLS")

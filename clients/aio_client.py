@@ -28,6 +28,7 @@ from clients._common import (
     DEFAULT_TARGET,
     LEASE_END_S,
     LEASE_METADATA,
+    LOOKASIDE_PLAINTEXT,
     RETRYABLE_CODES,
     AdapterChoice,
     PathOrBytes,
@@ -38,8 +39,9 @@ from clients._common import (
     channel_credentials,
     engine_metadata,
     lease_request,
+    replica_address_problem,
 )
-from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from clients.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
 
 _DEFAULT = object()
@@ -73,6 +75,8 @@ class AsyncAdapterServeClient:
         self.engine_app = engine_app
         self.lookaside = lookaside
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        if lookaside and creds is not None:
+            raise ValueError(LOOKASIDE_PLAINTEXT)
         opts = self._options = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.aio.insecure_channel(target, options=opts) if creds is None
                          else grpc.aio.secure_channel(target, creds, options=opts))
@@ -205,21 +209,34 @@ class AsyncAdapterServeClient:
             answer = await lease.read()
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-        if answer is grpc.aio.EOF or not answer.address:
+        if answer is grpc.aio.EOF:
+            answer = pb.LeaseResponse()
+        problem = replica_address_problem(answer.address, self.target)
+        if problem:
             lease.cancel()
-            raise UnavailableError("the cluster ended the lease without naming a replica",
-                                   grpc.StatusCode.UNAVAILABLE)
+            raise (UnavailableError if not answer.address else FailedPreconditionError)(problem)
         # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
         self._leases.add(lease)
         lease.add_done_callback(self._leases.discard)
         return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
-        """The generation stub of a replica's own server (one plaintext channel per address, kept)."""
+        """The generation stub of a replica's own server (one plaintext channel per address, kept until
+        the replica is unreachable)."""
         if address not in self._replicas:
             channel = grpc.aio.insecure_channel(address, options=self._options)
             self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
         return self._replicas[address][1]
+
+    async def _leased_failure(self, lease: Any, address_of: pb_grpc.GenerationServiceStub, e: grpc.RpcError) -> None:
+        """A leased generation failed: end its lease here (the replica may never have seen the call);
+        forget the replica's channel when it was unreachable (a restarted replica has a new port)."""
+        lease.cancel()
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            for address, (channel, stub) in list(self._replicas.items()):
+                if stub is address_of:
+                    del self._replicas[address]
+                    await channel.close()
 
     async def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
         """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
@@ -227,23 +244,28 @@ class AsyncAdapterServeClient:
         for attempt in range(2):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             lease, replica, metadata = await self._lease(req, remaining)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return await replica.Generate(req, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                if e.code() in RETRYABLE_CODES:
-                    lease.cancel()  # the replica may never have seen the call: end its lease here
+                await self._leased_failure(lease, replica, e)
                 if attempt or e.code() not in RETRYABLE_CODES:
                     raise from_rpc_error(e) from e
         raise AssertionError("unreachable")
 
     async def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[StreamChunk]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         lease, replica, metadata = await self._lease(req, timeout)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
         try:
-            async for chunk in self._chunks(replica.GenerateStream(req, timeout=timeout, metadata=metadata)):
-                yield chunk
-        except UnavailableError:
-            lease.cancel()  # the replica may never have seen the call: end its lease here
-            raise
+            async for message in call:
+                yield StreamChunk.from_proto(message)
+        except grpc.RpcError as e:
+            await self._leased_failure(lease, replica, e)
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once the stream has finished; else the replica releases the lease
 
     @staticmethod
     async def _chunks(call: Any) -> AsyncIterator[StreamChunk]:

@@ -25,6 +25,7 @@ from clients._common import (
     DEFAULT_TARGET,
     LEASE_END_S,
     LEASE_METADATA,
+    LOOKASIDE_PLAINTEXT,
     RETRYABLE_CODES,
     AdapterChoice,
     PathOrBytes,
@@ -35,8 +36,9 @@ from clients._common import (
     channel_credentials,
     engine_metadata,
     lease_request,
+    replica_address_problem,
 )
-from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from clients.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
 
 T = TypeVar("T")
@@ -97,6 +99,8 @@ class AdapterServeClient:
         self.engine_app = engine_app
         self.lookaside = lookaside
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        if lookaside and creds is not None:
+            raise ValueError(LOOKASIDE_PLAINTEXT)
         opts = self._options = [*CHANNEL_OPTIONS, *options]
         self._channel = (grpc.insecure_channel(target, options=opts) if creds is None
                          else grpc.secure_channel(target, creds, options=opts))
@@ -104,6 +108,7 @@ class AdapterServeClient:
         self._routing = pb_grpc.RoutingServiceStub(self._channel)
         self._replicas: dict[str, tuple[grpc.Channel, pb_grpc.GenerationServiceStub]] = {}  # lookaside
         self._replicas_lock = threading.Lock()
+        self._closed = False
         self._leases: set[Any] = set()  # open lease calls (set.add/discard: atomic under the GIL)
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -117,7 +122,7 @@ class AdapterServeClient:
         while self._leases and time.monotonic() < end:
             time.sleep(0.01)
         with self._replicas_lock:
-            replicas, self._replicas = list(self._replicas.values()), {}
+            replicas, self._replicas, self._closed = list(self._replicas.values()), {}, True
         for channel, _ in replicas:
             channel.close()
         self._channel.close()
@@ -246,23 +251,36 @@ class AdapterServeClient:
             raise from_rpc_error(e) from e
         except StopIteration:
             answer = pb.LeaseResponse()
-        if not answer.address:
+        problem = replica_address_problem(answer.address, self.target)
+        if problem:
             lease.cancel()
-            raise UnavailableError("the cluster ended the lease without naming a replica",
-                                   grpc.StatusCode.UNAVAILABLE)
+            raise (UnavailableError if not answer.address else FailedPreconditionError)(problem)
         # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
         self._leases.add(lease)
         lease.add_done_callback(self._leases.discard)
         return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
-        """The generation stub of a replica's own server (one plaintext channel per address, kept:
-        the cluster's replicas serve plaintext, as its proxies do)."""
+        """The generation stub of a replica's own server (one plaintext channel per address, kept until
+        the replica is unreachable: the cluster's replicas serve plaintext, as its proxies do)."""
         with self._replicas_lock:
+            if self._closed:
+                raise ValueError("the client is closed")
             if address not in self._replicas:
                 channel = grpc.insecure_channel(address, options=self._options)
                 self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
             return self._replicas[address][1]
+
+    def _leased_failure(self, lease: Any, address_of: pb_grpc.GenerationServiceStub, e: grpc.RpcError) -> None:
+        """A leased generation failed: end its lease here (the replica may never have seen the call);
+        forget the replica's channel when it was unreachable (a restarted replica has a new port)."""
+        lease.cancel()
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            with self._replicas_lock:
+                for address, (channel, stub) in list(self._replicas.items()):
+                    if stub is address_of:
+                        del self._replicas[address]
+                        channel.close()
 
     def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
         """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
@@ -270,22 +288,28 @@ class AdapterServeClient:
         for attempt in range(2):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             lease, replica, metadata = self._lease(req, remaining)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return replica.Generate(req, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                if e.code() in RETRYABLE_CODES:
-                    lease.cancel()  # the replica may never have seen the call: end its lease here
+                self._leased_failure(lease, replica, e)
                 if attempt or e.code() not in RETRYABLE_CODES:
                     raise from_rpc_error(e) from e
         raise AssertionError("unreachable")
 
     def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         lease, replica, metadata = self._lease(req, timeout)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
         try:
-            yield from self._chunks(replica.GenerateStream(req, timeout=timeout, metadata=metadata))
-        except UnavailableError:
-            lease.cancel()  # the replica may never have seen the call: end its lease here
-            raise
+            for message in call:
+                yield StreamChunk.from_proto(message)
+        except grpc.RpcError as e:
+            self._leased_failure(lease, replica, e)
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once the stream has finished; else the replica releases the lease
 
     @staticmethod
     def _chunks(call: Any) -> Iterator[StreamChunk]:

@@ -84,7 +84,10 @@ class ClusterConfig(ServerConfig):
         (--lazy-adapters), its HTTP and metrics listeners closed (the proxies face the network); its
         gRPC server listens on a free port of --replica-host (lookaside clients' generations)."""
         values = {f: getattr(self, f) for f in ServerConfig.__dataclass_fields__}
-        values.update(host=self.replica_host, port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
+        host = self.replica_host
+        if ":" in host and not host.startswith("["):  # an IPv6 literal: bracketed for host:port
+            host = f"[{host}]"
+        values.update(host=host, port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
                       max_resident_adapters=self.max_adapters_per_replica, lazy_adapters=True)
         return ServerConfig(**values)
 

@@ -27,8 +27,9 @@ by the adapter id as above) makes the adapter resident through the multiplexer a
 address of this replica's own gRPC server (``--replica-host``, the in-process server's port) with a
 lease id; the client sends its Generate/GenerateStream there naming the lease, which stays open
 until that call ends, so Serve counts the request on this replica for its routing and autoscaling
-(:mod:`server.cluster.lease`). The generation itself is the single server's, on its own gRPC
-server, with the same token.
+(:mod:`server.cluster.lease`: one lease, one generation, for the leased adapter; that port refuses
+adapter admin). The generation itself is the single server's, on its own gRPC server, with the
+same token.
 
 Thread domain: the replica's user-code event loop (Serve runs every method there, the
 constructor included); blocking work goes to worker threads.
@@ -53,7 +54,7 @@ from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
 from server.cluster.config import ClusterConfig
 from server.cluster.door import GENERATE, GENERATE_STREAM, LEASE, FrontDoor, adapter_of
-from server.cluster.lease import LeaseInterceptor, Leases
+from server.cluster.lease import Leases, ReplicaPortInterceptor
 from server.cluster.rpc import CallContext, RawMessage, RpcStatus
 
 log = logging.getLogger("adapterserve.cluster")
@@ -105,7 +106,7 @@ class EngineReplica(FrontDoor):
         self.cfg = cfg
         self._closed = asyncio.Event()  # set by close(): leases end, their generations run on
         self.leases = Leases(self._closed)
-        self.app = ServerApp(cfg.replica_config(), interceptors=[LeaseInterceptor(self.leases)])
+        self.app = ServerApp(cfg.replica_config(), interceptors=[ReplicaPortInterceptor(self.leases, self._use_adapter)])
         self._server_task = await self.app.start_in_loop()
         context = serve.get_replica_context()
         self.admin_service = ClusterAdapterService(
@@ -243,7 +244,7 @@ class EngineReplica(FrontDoor):
 
     async def _leased(self, adapter_id: str) -> AsyncIterator[bytes]:
         await self._use_adapter(adapter_id)
-        lease_id = self.leases.open()
+        lease_id = self.leases.open(adapter_id)
         try:
             yield pb.LeaseResponse(address=self.address, replica=self.replica_id, lease_id=lease_id).SerializeToString()
             await self.leases.hold(lease_id)

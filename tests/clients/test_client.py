@@ -260,6 +260,9 @@ def test_lookaside_leases_then_generates_on_the_leased_replica(fake, served):
 
     assert asyncio.run(aio()) == ("base: hi", "base: hi")
     fake.fail_next.clear()
+    for make in (AdapterServeClient, AsyncAdapterServeClient):  # the replicas are plaintext: no silent downgrade
+        with pytest.raises(ValueError, match="plaintext"):
+            make(served.target, tls=True, lookaside=True)
 
 
 def test_retries_stop_at_the_deadline(fake, served):

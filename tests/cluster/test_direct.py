@@ -176,6 +176,14 @@ def test_lookaside_token_lease_and_the_lease_ending_with_its_generation(cluster,
         got = replica.Generate(_greedy("lora"), metadata=md, timeout=120)
         assert list(got.token_ids) == list(single.gen.Generate(_greedy("lora"), timeout=60).token_ids)
         assert list(lease) == [] and lease.code() == grpc.StatusCode.OK  # ended by the replica, not the client
+        for metadata in (md, md[:1]):  # the lease again (one lease, one generation); no lease at all
+            with pytest.raises(grpc.RpcError) as err:
+                replica.Generate(_greedy("lora"), metadata=metadata, timeout=60)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, metadata
+        with pytest.raises(grpc.RpcError) as err:  # adapter admin goes through the cluster, never one replica
+            pb_grpc.AdapterServiceStub(channel).UnregisterAdapter(pb.UnregisterAdapterRequest(adapter_id="lora"),
+                                                                  metadata=md[:1], timeout=60)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     from clients.errors import InvalidArgumentError, NotFoundError
 
     with _lookaside(cluster, timeout=120) as client:

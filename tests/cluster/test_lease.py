@@ -1,6 +1,8 @@
-"""server.cluster.lease without Ray: a lease ends when the generation naming it ends (answered, failed
-or cancelled, on a real grpc.aio server), when none claims it in time, or when the replica closes;
-ids are unguessable and a stale or foreign id claims nothing."""
+"""server.cluster.lease without Ray, on a real grpc.aio server: a replica's own port serves a
+generation only under an open, unused lease for the request's adapter (one lease, one generation),
+claims it when the handler starts and releases it however the call ends (answered, failed,
+cancelled); refuses adapter admin; a lease no call claims ends after the claim time, every lease when
+the replica closes; ids are unguessable."""
 
 from __future__ import annotations
 
@@ -12,11 +14,20 @@ import pytest
 from adapterserve.v1 import adapterserve_pb2 as pb
 from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from clients._common import LEASE_METADATA as CLIENT_LEASE_METADATA
-from server.cluster.lease import LEASE_METADATA, LeaseInterceptor, Leases
+from clients._common import replica_address_problem
+from server.cluster.lease import LEASE_METADATA, Leases, ReplicaPortInterceptor
 
 
 def test_the_clients_name_the_lease_as_the_replicas_read_it():
     assert CLIENT_LEASE_METADATA == LEASE_METADATA
+
+
+def test_a_loopback_replica_address_is_only_for_a_client_on_a_loopback_target():
+    assert replica_address_problem("127.0.0.1:4000", "127.0.0.1:50051") is None
+    assert replica_address_problem("10.0.0.7:4000", "cluster.example:50051") is None
+    assert "--replica-host 0.0.0.0" in replica_address_problem("127.0.0.1:4000", "cluster.example:50051")
+    assert replica_address_problem("[::1]:4000", "dns:///10.0.0.2:50051")
+    assert replica_address_problem("", "127.0.0.1:50051")  # a lease that named nothing
 
 
 async def _held(leases: Leases, lease_id: str, claim_s: float = 5.0) -> asyncio.Task:
@@ -25,13 +36,15 @@ async def _held(leases: Leases, lease_id: str, claim_s: float = 5.0) -> asyncio.
     return task
 
 
-def test_a_lease_ends_when_its_generation_ends_and_not_before():
+def test_a_lease_is_claimed_once_and_ends_when_its_generation_ends():
     async def main():
         leases = Leases(asyncio.Event())
-        lease_id = leases.open()
+        lease_id = leases.open("lora")
         assert len(lease_id) == 32 and leases.open() != lease_id  # 128 random bits each
+        assert leases.adapter_of(lease_id) == "lora"
         task = await _held(leases, lease_id)
         assert leases.claim(lease_id)
+        assert not leases.claim(lease_id) and leases.adapter_of(lease_id) is None  # one lease, one generation
         await asyncio.sleep(0.05)
         assert not task.done()  # claimed, still running
         leases.release(lease_id)
@@ -73,44 +86,89 @@ class _Servicer(pb_grpc.GenerationServiceServicer):
             await asyncio.sleep(0.01)
 
 
+class _Admin(pb_grpc.AdapterServiceServicer):
+    async def RegisterAdapter(self, request, context):
+        return pb.Adapter(adapter_id=request.adapter_id)
+
+
+async def _replica_port(leases: Leases, used: list[str]) -> tuple[grpc.aio.Server, int]:
+    async def use_adapter(adapter_id: str) -> None:
+        used.append(adapter_id)
+
+    server = grpc.aio.server(interceptors=[ReplicaPortInterceptor(leases, use_adapter)])
+    pb_grpc.add_GenerationServiceServicer_to_server(_Servicer(), server)
+    pb_grpc.add_AdapterServiceServicer_to_server(_Admin(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 @pytest.mark.parametrize("how", ["answered", "failed", "streamed", "cancelled"])
-def test_the_interceptor_releases_the_lease_however_the_call_ends(how):
+def test_the_replica_port_releases_the_lease_however_the_call_ends(how):
     async def main():
-        leases = Leases(asyncio.Event())
-        server = grpc.aio.server(interceptors=[LeaseInterceptor(leases)])
-        pb_grpc.add_GenerationServiceServicer_to_server(_Servicer(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        leases, used = Leases(asyncio.Event()), []
+        server, port = await _replica_port(leases, used)
         try:
-            lease_id = leases.open()
+            lease_id = leases.open("lora")
             held = await _held(leases, lease_id)
             md = ((LEASE_METADATA, lease_id),)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
                 if how == "answered":
-                    assert (await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=md)).text == "ok"
+                    assert (await stub.Generate(pb.GenerateRequest(prompt="x", adapter_id="lora"), metadata=md)).text == "ok"
                 elif how == "failed":
                     with pytest.raises(grpc.RpcError) as err:
-                        await stub.Generate(pb.GenerateRequest(prompt="fail"), metadata=md)
+                        await stub.Generate(pb.GenerateRequest(prompt="fail", adapter_id="lora"), metadata=md)
                     assert err.value.code() == grpc.StatusCode.NOT_FOUND
                 elif how == "streamed":
-                    request = pb.GenerateRequest(params=pb.SamplingParams(max_new_tokens=3))
+                    request = pb.GenerateRequest(adapter_id="lora", params=pb.SamplingParams(max_new_tokens=3))
                     assert [m.text async for m in stub.GenerateStream(request, metadata=md)] == ["0", "1", "2"]
                 else:
-                    call = stub.GenerateStream(pb.GenerateRequest(), metadata=md)
+                    call = stub.GenerateStream(pb.GenerateRequest(adapter_id="lora"), metadata=md)
                     await call.read()
                     await asyncio.sleep(0.05)
                     assert not held.done()  # the generation runs: the lease holds
                     call.cancel()
-                # A call naming no lease, or another's id, releases nothing.
-                other = leases.open()
-                other_held = await _held(leases, other)
-                await stub.Generate(pb.GenerateRequest(prompt="x"))
-                await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=((LEASE_METADATA, "f" * 32),))
                 await asyncio.wait_for(held, 5)
-                await asyncio.sleep(0.05)
-                assert not other_held.done()
-                other_held.cancel()
+                assert used == ["lora"]  # made resident through the replica's multiplexer first
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_the_replica_port_refuses_what_no_open_lease_covers_and_adapter_admin():
+    async def main():
+        leases, used = Leases(asyncio.Event()), []
+        server, port = await _replica_port(leases, used)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+
+                async def code(request, metadata=()) -> grpc.StatusCode:
+                    try:
+                        await stub.Generate(request, metadata=metadata)
+                        return grpc.StatusCode.OK
+                    except grpc.RpcError as e:
+                        return e.code()
+
+                lora = pb.GenerateRequest(prompt="x", adapter_id="lora")
+                assert await code(lora) == grpc.StatusCode.FAILED_PRECONDITION  # no lease
+                assert await code(lora, ((LEASE_METADATA, "f" * 32),)) == grpc.StatusCode.FAILED_PRECONDITION
+                lease_id = leases.open("lora")
+                held = await _held(leases, lease_id)
+                md = ((LEASE_METADATA, lease_id),)
+                other = pb.GenerateRequest(prompt="x", adapter_id="victim")
+                assert await code(other, md) == grpc.StatusCode.INVALID_ARGUMENT  # not the leased adapter
+                assert not held.done() and used == []  # refused before the claim: the lease is still open
+                assert await code(lora, md) == grpc.StatusCode.OK
+                assert await code(lora, md) == grpc.StatusCode.FAILED_PRECONDITION  # one lease, one generation
+                await asyncio.wait_for(held, 5)
+                with pytest.raises(grpc.RpcError) as err:
+                    await pb_grpc.AdapterServiceStub(channel).RegisterAdapter(
+                        pb.RegisterAdapterRequest(adapter_id="victim", path="x", replace=True))
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "through the cluster" in err.value.details()
         finally:
             await server.stop(0)
 

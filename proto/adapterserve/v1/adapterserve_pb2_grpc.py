@@ -410,8 +410,8 @@ class RoutingServiceStub:
     server. The client sends its Generate/GenerateStream there, tokens going straight from the
     replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
     call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
-    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
-    implement it (UNIMPLEMENTED).
+    as long as it runs; one lease serves one generation, of the adapter it was taken for; a lease no
+    call claims within 30 s ends by itself. A single server does not implement it (UNIMPLEMENTED).
     """
 
     def __init__(self, channel):
@@ -437,8 +437,8 @@ class RoutingServiceServicer:
     server. The client sends its Generate/GenerateStream there, tokens going straight from the
     replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
     call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
-    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
-    implement it (UNIMPLEMENTED).
+    as long as it runs; one lease serves one generation, of the adapter it was taken for; a lease no
+    call claims within 30 s ends by itself. A single server does not implement it (UNIMPLEMENTED).
     """
 
     def Lease(self, request, context):
@@ -473,8 +473,8 @@ class RoutingService:
     server. The client sends its Generate/GenerateStream there, tokens going straight from the
     replica, with `adapterserve-lease: <lease_id>` metadata: the replica ends the lease (OK) when that
     call ends, so the cluster counts the request on the replica (load-aware routing, autoscaling) for
-    as long as it runs; a lease no call claims within 30 s ends by itself. A single server does not
-    implement it (UNIMPLEMENTED).
+    as long as it runs; one lease serves one generation, of the adapter it was taken for; a lease no
+    call claims within 30 s ends by itself. A single server does not implement it (UNIMPLEMENTED).
     """
 
     @staticmethod
