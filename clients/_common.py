@@ -205,8 +205,14 @@ LEASE_END_S = 1.0
 
 
 def _host_of(target: str) -> str:
-    """The host part of a gRPC target ("host:port", "[v6]:port", "dns:///host:port"; "" if none)."""
-    target = target.split("///", 1)[-1]
+    """The host part of a gRPC target ("host:port", "[v6]:port", "dns:///host:port", "dns://8.8.8.8/host:port",
+    "dns:host:port", "ipv4:host:port", "ipv6:[v6]:port")."""
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            if target.startswith("//"):  # dns://[authority]/host:port
+                target = target[2:].split("/", 1)[-1]
+            break
     if target.startswith("["):
         return target[1:target.find("]")]
     return target.rsplit(":", 1)[0] if ":" in target else target

@@ -84,6 +84,7 @@ class AsyncAdapterServeClient:
         self._routing = pb_grpc.RoutingServiceStub(self._channel)
         self._replicas: dict[str, tuple[grpc.aio.Channel, pb_grpc.GenerationServiceStub]] = {}  # lookaside
         self._leases: set[Any] = set()  # open lease calls
+        self._closed = False
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -92,6 +93,7 @@ class AsyncAdapterServeClient:
     async def close(self) -> None:
         """Close the channel (and lookaside replicas' channels); in-flight calls are cancelled (leases
         of finished generations get up to LEASE_END_S to end first)."""
+        self._closed = True
         if self._leases:
             await asyncio.wait([asyncio.ensure_future(lease.code()) for lease in self._leases], timeout=LEASE_END_S)
         replicas, self._replicas = list(self._replicas.values()), {}
@@ -221,22 +223,13 @@ class AsyncAdapterServeClient:
         return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
-        """The generation stub of a replica's own server (one plaintext channel per address, kept until
-        the replica is unreachable)."""
+        """The generation stub of a replica's own server (one plaintext channel per address, kept until close)."""
+        if self._closed:
+            raise ValueError("the client is closed")
         if address not in self._replicas:
             channel = grpc.aio.insecure_channel(address, options=self._options)
             self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
         return self._replicas[address][1]
-
-    async def _leased_failure(self, lease: Any, address_of: pb_grpc.GenerationServiceStub, e: grpc.RpcError) -> None:
-        """A leased generation failed: end its lease here (the replica may never have seen the call);
-        forget the replica's channel when it was unreachable (a restarted replica has a new port)."""
-        lease.cancel()
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            for address, (channel, stub) in list(self._replicas.items()):
-                if stub is address_of:
-                    del self._replicas[address]
-                    await channel.close()
 
     async def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
         """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
@@ -248,24 +241,32 @@ class AsyncAdapterServeClient:
             try:
                 return await replica.Generate(req, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                await self._leased_failure(lease, replica, e)
+                lease.cancel()  # the replica may never have seen the call: end its lease here
                 if attempt or e.code() not in RETRYABLE_CODES:
                     raise from_rpc_error(e) from e
+            except BaseException:  # (a cancelled task)
+                lease.cancel()
+                raise
         raise AssertionError("unreachable")
 
     async def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[StreamChunk]:
         deadline = None if timeout is None else time.monotonic() + timeout
         lease, replica, metadata = await self._lease(req, timeout)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
+        call = None
         try:
+            call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
             async for message in call:
                 yield StreamChunk.from_proto(message)
         except grpc.RpcError as e:
-            await self._leased_failure(lease, replica, e)
+            lease.cancel()  # the replica may never have seen the call: end its lease here
             raise from_rpc_error(e) from e
+        except BaseException:  # (a cancelled task, GeneratorExit)
+            lease.cancel()
+            raise
         finally:
-            call.cancel()  # no-op once the stream has finished; else the replica releases the lease
+            if call is not None:
+                call.cancel()  # no-op once the stream has finished
 
     @staticmethod
     async def _chunks(call: Any) -> AsyncIterator[StreamChunk]:

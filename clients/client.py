@@ -262,7 +262,7 @@ class AdapterServeClient:
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
         """The generation stub of a replica's own server (one plaintext channel per address, kept until
-        the replica is unreachable: the cluster's replicas serve plaintext, as its proxies do)."""
+        close: the cluster's replicas serve plaintext, as its proxies do)."""
         with self._replicas_lock:
             if self._closed:
                 raise ValueError("the client is closed")
@@ -270,17 +270,6 @@ class AdapterServeClient:
                 channel = grpc.insecure_channel(address, options=self._options)
                 self._replicas[address] = (channel, pb_grpc.GenerationServiceStub(channel))
             return self._replicas[address][1]
-
-    def _leased_failure(self, lease: Any, address_of: pb_grpc.GenerationServiceStub, e: grpc.RpcError) -> None:
-        """A leased generation failed: end its lease here (the replica may never have seen the call);
-        forget the replica's channel when it was unreachable (a restarted replica has a new port)."""
-        lease.cancel()
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            with self._replicas_lock:
-                for address, (channel, stub) in list(self._replicas.items()):
-                    if stub is address_of:
-                        del self._replicas[address]
-                        channel.close()
 
     def _leased_generate(self, req: pb.GenerateRequest, timeout: float | None) -> pb.GenerateResponse:
         """Generate on the replica a lease names; once more on a new lease if that replica is UNAVAILABLE."""
@@ -292,24 +281,32 @@ class AdapterServeClient:
             try:
                 return replica.Generate(req, timeout=remaining, metadata=metadata)
             except grpc.RpcError as e:
-                self._leased_failure(lease, replica, e)
+                lease.cancel()  # the replica may never have seen the call: end its lease here
                 if attempt or e.code() not in RETRYABLE_CODES:
                     raise from_rpc_error(e) from e
+            except BaseException:
+                lease.cancel()
+                raise
         raise AssertionError("unreachable")
 
     def _leased_chunks(self, req: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
         deadline = None if timeout is None else time.monotonic() + timeout
         lease, replica, metadata = self._lease(req, timeout)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
+        call = None
         try:
+            call = replica.GenerateStream(req, timeout=remaining, metadata=metadata)
             for message in call:
                 yield StreamChunk.from_proto(message)
         except grpc.RpcError as e:
-            self._leased_failure(lease, replica, e)
+            lease.cancel()  # the replica may never have seen the call: end its lease here
             raise from_rpc_error(e) from e
+        except BaseException:  # (GeneratorExit included: a released call ends the lease on the replica too)
+            lease.cancel()
+            raise
         finally:
-            call.cancel()  # no-op once the stream has finished; else the replica releases the lease
+            if call is not None:
+                call.cancel()  # no-op once the stream has finished
 
     @staticmethod
     def _chunks(call: Any) -> Iterator[StreamChunk]:

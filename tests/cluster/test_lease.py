@@ -28,6 +28,9 @@ def test_a_loopback_replica_address_is_only_for_a_client_on_a_loopback_target():
     assert "--replica-host 0.0.0.0" in replica_address_problem("127.0.0.1:4000", "cluster.example:50051")
     assert replica_address_problem("[::1]:4000", "dns:///10.0.0.2:50051")
     assert replica_address_problem("", "127.0.0.1:50051")  # a lease that named nothing
+    for local in ("ipv4:127.0.0.1:50051", "dns:localhost:50051", "dns://8.8.8.8/localhost:50051",
+                  "dns:///localhost:50051", "[::1]:50051", "ipv6:[::1]:50051"):  # gRPC's target forms
+        assert replica_address_problem("127.0.0.1:4000", local) is None, local
 
 
 async def _held(leases: Leases, lease_id: str, claim_s: float = 5.0) -> asyncio.Task:
