@@ -201,6 +201,29 @@ def test_lookaside_token_lease_and_the_lease_ending_with_its_generation(cluster,
         assert "malformed adapterserve.v1.LeaseRequest" in err.value.details()
 
 
+def test_serve_counts_a_lookaside_generation_while_it_runs(cluster):
+    """The lease is what Serve sees of a lookaside generation: while a stream runs on a replica's own
+    port, that replica reports an ongoing request to Serve's routers (and autoscaler); none after."""
+    def ongoing() -> int:
+        return sum(ray.get([a.get_num_ongoing_requests.remote() for a in _engine_replica_actors()], timeout=60))
+
+    def settled(want, timeout: float = 30.0) -> int:
+        end = time.monotonic() + timeout
+        while (n := ongoing()) != want and time.monotonic() < end:
+            time.sleep(0.2)
+        return n
+
+    assert settled(0) == 0
+    seen: list[int] = []
+    with _lookaside(cluster, timeout=120) as client:
+        for i, _ in enumerate(client.stream("a long answer please", adapter="lora", max_new_tokens=120,
+                                            ignore_eos=True)):
+            if i in (5, 60):
+                seen.append(ongoing())
+    assert seen == [1, 1]
+    assert settled(0) == 0  # the lease ended with the generation
+
+
 def test_direct_affinity_after_warm_up(cluster):
     """As test_cluster's affinity test, every request through the direct path: the proxy's router
     sends an adapter's requests to the replica holding it (loads counted by the replicas' metrics)."""
