@@ -217,10 +217,15 @@ class AsyncAdapterServeClient:
         if problem:
             lease.cancel()
             raise (UnavailableError if not answer.address else FailedPreconditionError)(problem)
+        try:
+            replica = self._replica(answer.address)
+        except BaseException:  # (the client was closed meanwhile)
+            lease.cancel()
+            raise
         # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
         self._leases.add(lease)
         lease.add_done_callback(self._leases.discard)
-        return lease, self._replica(answer.address), (*self._metadata, (LEASE_METADATA, answer.lease_id))
+        return lease, replica, (*self._metadata, (LEASE_METADATA, answer.lease_id))
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
         """The generation stub of a replica's own server (one plaintext channel per address, kept until close)."""
