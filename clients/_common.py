@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -219,7 +220,26 @@ def _host_of(target: str) -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host in ("::1", "0:0:0:0:0:0:0:1")
+    """(The client's copy of server.api.security's rule: the client package does not import the server.)"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def leased_replica(answer: pb.LeaseResponse | None, target: str) -> tuple[str, tuple[str, str]]:
+    """(the replica's address, the metadata naming the lease) of a lease's first answer (None: the
+    lease ended without one); raises UNAVAILABLE for no address, FAILED_PRECONDITION for one this
+    client at `target` must not dial (:func:`replica_address_problem`)."""
+    from clients.errors import FailedPreconditionError, UnavailableError
+
+    address = answer.address if answer is not None else ""
+    problem = replica_address_problem(address, target)
+    if problem:
+        raise (FailedPreconditionError if address else UnavailableError)(problem)
+    return address, (LEASE_METADATA, answer.lease_id)
 
 
 def replica_address_problem(address: str, target: str) -> str | None:

@@ -27,7 +27,6 @@ from clients._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     LEASE_END_S,
-    LEASE_METADATA,
     LOOKASIDE_PLAINTEXT,
     RETRYABLE_CODES,
     AdapterChoice,
@@ -39,9 +38,9 @@ from clients._common import (
     channel_credentials,
     engine_metadata,
     lease_request,
-    replica_address_problem,
+    leased_replica,
 )
-from clients.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError, from_rpc_error
+from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
 
 _DEFAULT = object()
@@ -211,21 +210,16 @@ class AsyncAdapterServeClient:
             answer = await lease.read()
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-        if answer is grpc.aio.EOF:
-            answer = pb.LeaseResponse()
-        problem = replica_address_problem(answer.address, self.target)
-        if problem:
-            lease.cancel()
-            raise (UnavailableError if not answer.address else FailedPreconditionError)(problem)
         try:
-            replica = self._replica(answer.address)
-        except BaseException:  # (the client was closed meanwhile)
+            address, naming = leased_replica(None if answer is grpc.aio.EOF else answer, self.target)
+            replica = self._replica(address)
+        except BaseException:  # (no usable address, or the client was closed meanwhile)
             lease.cancel()
             raise
         # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
         self._leases.add(lease)
         lease.add_done_callback(self._leases.discard)
-        return lease, replica, (*self._metadata, (LEASE_METADATA, answer.lease_id))
+        return lease, replica, (*self._metadata, naming)
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
         """The generation stub of a replica's own server (one plaintext channel per address, kept until close)."""

@@ -24,7 +24,6 @@ from clients._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     LEASE_END_S,
-    LEASE_METADATA,
     LOOKASIDE_PLAINTEXT,
     RETRYABLE_CODES,
     AdapterChoice,
@@ -36,9 +35,9 @@ from clients._common import (
     channel_credentials,
     engine_metadata,
     lease_request,
-    replica_address_problem,
+    leased_replica,
 )
-from clients.errors import DeadlineExceededError, FailedPreconditionError, UnavailableError, from_rpc_error
+from clients.errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from clients.types import AdapterInfo, GenerationResult, ModelInfo, StreamChunk
 
 T = TypeVar("T")
@@ -246,24 +245,19 @@ class AdapterServeClient:
         lease = self._routing.Lease(lease_request(req), timeout=timeout,
                                     metadata=(*self._metadata, *engine_metadata(self.engine_app, req)))
         try:
-            answer = next(lease)
+            answer = next(lease, None)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-        except StopIteration:
-            answer = pb.LeaseResponse()
-        problem = replica_address_problem(answer.address, self.target)
-        if problem:
-            lease.cancel()
-            raise (UnavailableError if not answer.address else FailedPreconditionError)(problem)
         try:
-            replica = self._replica(answer.address)
-        except BaseException:  # (the client was closed meanwhile)
+            address, naming = leased_replica(answer, self.target)
+            replica = self._replica(address)
+        except BaseException:  # (no usable address, or the client was closed meanwhile)
             lease.cancel()
             raise
         # Held until the replica ends it (when the generation ends): a dropped call object would cancel it.
         self._leases.add(lease)
         lease.add_done_callback(self._leases.discard)
-        return lease, replica, (*self._metadata, (LEASE_METADATA, answer.lease_id))
+        return lease, replica, (*self._metadata, naming)
 
     def _replica(self, address: str) -> pb_grpc.GenerationServiceStub:
         """The generation stub of a replica's own server (one plaintext channel per address, kept until

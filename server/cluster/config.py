@@ -17,6 +17,11 @@ ENGINE = "Engine"  # the engine deployment's name
 ENGINE_APP_SUFFIX = "-engine"
 
 
+def bracketed(host: str) -> str:
+    """`host` as it goes before ":port" (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def engine_app_name(cfg: ClusterConfig) -> str:
     """The Serve application whose ingress is the engine deployment (``<--app-name>-engine``): gRPC
     clients that name it in their ``application`` metadata reach the engine replicas without the
@@ -84,10 +89,7 @@ class ClusterConfig(ServerConfig):
         (--lazy-adapters), its HTTP and metrics listeners closed (the proxies face the network); its
         gRPC server listens on a free port of --replica-host (lookaside clients' generations)."""
         values = {f: getattr(self, f) for f in ServerConfig.__dataclass_fields__}
-        host = self.replica_host
-        if ":" in host and not host.startswith("["):  # an IPv6 literal: bracketed for host:port
-            host = f"[{host}]"
-        values.update(host=host, port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
+        values.update(host=bracketed(self.replica_host), port=0, http_port=0, metrics_port=0, drain_seconds=0.0,
                       max_resident_adapters=self.max_adapters_per_replica, lazy_adapters=True)
         return ServerConfig(**values)
 

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from adapterserve.v1 import adapterserve_pb2 as pb
+from server.cluster.door import adapter_of
 
 LEASE_METADATA = "adapterserve-lease"  # the metadata a lookaside generation names its lease by (the clients' too)
 CLAIM_S = 30.0  # a lease no generation claims within this ends
@@ -48,9 +49,6 @@ class Leases:
     def __init__(self, closed: asyncio.Event):
         self._open: dict[str, _Lease] = {}
         self._closed = closed  # set when the replica closes: every lease ends
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def open(self, adapter_id: str = "") -> str:
         """A new lease for `adapter_id` ("" = the base model); its id has 128 random bits."""
@@ -102,13 +100,6 @@ async def _until(event: asyncio.Event, closed: asyncio.Future, timeout: float | 
     finally:
         waiter.cancel()
     return event.is_set()
-
-
-def routed_adapter(request: pb.GenerateRequest) -> str:
-    """The adapter a generation is leased by: its adapter, or the first of a weighted mix."""
-    if request.adapter_id:
-        return request.adapter_id
-    return request.adapters[0].adapter_id if len(request.adapters) else ""
 
 
 class ReplicaPortInterceptor(grpc.aio.ServerInterceptor):
@@ -186,7 +177,7 @@ def _leased(handler: grpc.RpcMethodHandler, leases: Leases, lease_id: str,
         if adapter is None:
             await _abort_with(context, grpc.StatusCode.FAILED_PRECONDITION,
                               f"{LEASE_METADATA}: the lease ended or already served a generation")
-        wanted = routed_adapter(request) if isinstance(request, pb.GenerateRequest) else adapter
+        wanted = adapter_of(request) if isinstance(request, pb.GenerateRequest) else adapter
         if wanted != adapter:
             await _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"adapter_id: the lease was taken for {adapter!r}, the request names {wanted!r}")

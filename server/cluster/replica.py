@@ -52,7 +52,7 @@ from server.api.http.app import build_app
 from server.app import ServerApp
 from server.cluster.admin import ClusterAdapterService, broadcast_evict
 from server.cluster.asgi import call_asgi
-from server.cluster.config import ClusterConfig
+from server.cluster.config import ClusterConfig, bracketed
 from server.cluster.door import GENERATE, GENERATE_STREAM, LEASE, FrontDoor, adapter_of
 from server.cluster.lease import Leases, ReplicaPortInterceptor
 from server.cluster.rpc import CallContext, RawMessage, RpcStatus
@@ -69,9 +69,7 @@ def advertised_address(host: str, port: int) -> str:
         import ray
 
         host = ray.util.get_node_ip_address()
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
+    return f"{bracketed(host)}:{port}"
 
 
 class HeldAdapter:

@@ -176,32 +176,46 @@ def _wait_for_replicas(cluster, n: int, timeout_s: float = 300) -> None:
     time.sleep(1.0)  # the routers hear of a new replica from the controller shortly after it runs
 
 
+class Outcomes:
+    """Outcomes of calls run on threads: "OK", or the status name of a grpc.RpcError / AdapterServeError."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._lock = threading.Lock()
+
+    def recorded(self, call):
+        """`call` (run on a thread) with its outcome appended to `seen`."""
+        from clients.errors import AdapterServeError
+
+        def run(*args) -> None:
+            try:
+                call(*args)
+                result = "OK"
+            except grpc.RpcError as e:
+                result = e.code().name
+            except AdapterServeError as e:
+                result = e.code.name
+            with self._lock:
+                self.seen.append(result)
+
+        return run
+
+
 def test_replica_killed_under_load(cluster):
     """Kill one engine replica mid-load: every unary call answers OK or UNAVAILABLE, every stream ends
     with OK or UNAVAILABLE (never a hang), and Serve brings the replica back, serving again."""
-    outcomes: list[str] = []
-    lock = threading.Lock()
+    outcomes = Outcomes()
     started = threading.Event()
 
+    @outcomes.recorded
     def stream(i: int) -> None:
         req = make_request("a long answer please", AFFINITY_ADAPTERS[i % 4], max_new_tokens=200, min_new_tokens=200)
-        try:
-            for _ in cluster.gen.GenerateStream(req, timeout=90):
-                started.set()
-            result = "OK"
-        except grpc.RpcError as e:
-            result = e.code().name
-        with lock:
-            outcomes.append(result)
+        for _ in cluster.gen.GenerateStream(req, timeout=90):
+            started.set()
 
+    @outcomes.recorded
     def unary(i: int) -> None:
-        try:
-            cluster.gen.Generate(make_request("hi", AFFINITY_ADAPTERS[i % 4], max_new_tokens=40), timeout=90)
-            result = "OK"
-        except grpc.RpcError as e:
-            result = e.code().name
-        with lock:
-            outcomes.append(result)
+        cluster.gen.Generate(make_request("hi", AFFINITY_ADAPTERS[i % 4], max_new_tokens=40), timeout=90)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
@@ -213,8 +227,8 @@ def test_replica_killed_under_load(cluster):
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
-    assert len(outcomes) == 8
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert len(outcomes.seen) == 8
+    assert set(outcomes.seen) <= {"OK", "UNAVAILABLE"}, outcomes.seen
     _wait_for_replicas(cluster, 2)
     for name in AFFINITY_ADAPTERS:  # both replicas serve again (each adapter lands on one of them)
         assert cluster.gen.Generate(make_request("hi", name, max_new_tokens=2), timeout=120).token_ids
