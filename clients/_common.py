@@ -92,7 +92,11 @@ def engine_metadata(engine_app: str | None, request: pb.GenerateRequest) -> tupl
         return ()
     adapter = routed_adapter(request)
     routing = (("application", engine_app),)
-    return (*routing, ("multiplexed_model_id", adapter)) if adapter else routing
+    # gRPC refuses a metadata value outside printable ASCII before sending anything (INTERNAL "Invalid
+    # metadata"): such an id is routed as the base model's, and the replica refuses it by its own rules.
+    if not adapter or not (adapter.isascii() and adapter.isprintable()):
+        return routing
+    return (*routing, ("multiplexed_model_id", adapter))
 
 
 def routed_adapter(request: pb.GenerateRequest) -> str:

@@ -193,6 +193,9 @@ def test_engine_app_routes_generation_and_retries_generate_once(fake, served):
     assert engine_metadata("as-engine", build_generate_request("x", adapter={"b": 0.5, "c": 1.0})) == (
         ("application", "as-engine"), ("multiplexed_model_id", "b"))  # a mix: routed by its first adapter
     assert engine_metadata("as-engine", build_generate_request("x")) == (("application", "as-engine"),)
+    for unsendable in ("a\x00b", "é-adapter", "tab\there"):  # not metadata-safe: routed without the id
+        assert engine_metadata("as-engine", build_generate_request("x", adapter=unsendable)) == (
+            ("application", "as-engine"),)
     with AdapterServeClient(served.target, token=served.token, engine_app="as-engine") as c:
         fake.fail_next["Generate"] = 1
         n = fake.calls["Generate"]

@@ -18,6 +18,7 @@ def test_server_flags_keep_their_names_and_cluster_flags_add_up():
     # Each replica: the same engine settings, residency = --max-adapters-per-replica, only loopback listeners.
     assert replica.kv_cache_tokens == 1024 and replica.max_resident_adapters == 5 and replica.auth_token == "t"
     assert (replica.host, replica.port, replica.http_port, replica.metrics_port) == ("127.0.0.1", 0, 0, 0)
+    assert parse_cluster_config(["--replica-host", "::"], env={}).replica_config().host == "[::]"  # binds as [::]:0
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -29,6 +30,8 @@ def test_server_flags_keep_their_names_and_cluster_flags_add_up():
     (["--tls-cert", "c", "--tls-key", "k"], "--tls-cert"),
     (["--preload", "a=b"], "--preload"),
     (["--app-name", "a:b"], "--app-name"),
+    (["--replica-host", ""], "--replica-host"),
+    (["--replica-host", "0.0.0.0 --evil"], "--replica-host"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -25,6 +25,7 @@ from adapterserve.v1 import adapterserve_pb2_grpc as pb_grpc
 from server.cluster.config import engine_app_name
 from tests.cluster.conftest import AFFINITY_ADAPTERS, run_cluster
 from tests.cluster.test_cluster import (
+    Outcomes,
     _engine_replica_actors,
     _get,
     _greedy,
@@ -58,18 +59,23 @@ def _client(cluster, **kw):
     return AdapterServeClient(cluster.target, token=TOKEN, engine_app=engine_app_name(cluster.cfg), **kw)
 
 
+def _assert_answers_equal(reference, client, adapter) -> None:
+    """`client` (a cluster path) answers greedy generate and stream as `reference` (the single server)."""
+    kw = dict(adapter=adapter or None, max_new_tokens=6, temperature=0)
+    want = reference.generate("the cluster serves adapters", **kw)
+    got = client.generate("the cluster serves adapters", **kw)
+    assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    chunks = list(client.stream("the cluster serves adapters", **kw))
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert chunks[-1].finish_reason == want.finish_reason
+
+
 @pytest.mark.parametrize("adapter", ["", "lora", "prefix", "ia3", {"lora": 0.5, "hot0": 1.0}])
 def test_direct_answers_equal_the_single_server(cluster, single, adapter):
     from clients.client import AdapterServeClient
 
     with AdapterServeClient(single.app.target) as reference, _client(cluster, timeout=120) as client:
-        kw = dict(adapter=adapter or None, max_new_tokens=6, temperature=0)
-        want = reference.generate("the cluster serves adapters", **kw)
-        got = client.generate("the cluster serves adapters", **kw)
-        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
-        chunks = list(client.stream("the cluster serves adapters", **kw))
-        assert [t for c in chunks for t in c.token_ids] == want.token_ids
-        assert chunks[-1].finish_reason == want.finish_reason
+        _assert_answers_equal(reference, client, adapter)
         # Calls other than generation name no application: the proxy hands them to the ingress.
         assert client.health() == "SERVING"
         assert client.model_info().name == single.app.model.name
@@ -143,13 +149,7 @@ def test_lookaside_answers_equal_the_single_server(cluster, single, adapter, via
 
     with AdapterServeClient(single.app.target) as reference, \
             _lookaside(cluster, via_engine_app, timeout=120) as client:
-        kw = dict(adapter=adapter or None, max_new_tokens=6, temperature=0)
-        want = reference.generate("the cluster serves adapters", **kw)
-        got = client.generate("the cluster serves adapters", **kw)
-        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
-        chunks = list(client.stream("the cluster serves adapters", **kw))
-        assert [t for c in chunks for t in c.token_ids] == want.token_ids
-        assert chunks[-1].finish_reason == want.finish_reason
+        _assert_answers_equal(reference, client, adapter)
 
 
 def _lease(cluster, adapter: str, token: str | None = TOKEN) -> tuple:
@@ -191,8 +191,13 @@ def test_lookaside_token_lease_and_the_lease_ending_with_its_generation(cluster,
             client.generate("x", adapter="no-such-adapter", max_new_tokens=2)
         with pytest.raises(InvalidArgumentError, match="temperature"):
             list(client.stream("x", adapter="lora", max_new_tokens=2, temperature=-1.0))
-        with pytest.raises(InvalidArgumentError, match="adapter_id"):
-            client.generate("x", adapter="../../etc/passwd", max_new_tokens=2)
+        for hostile in ("../../etc/passwd", "r" * 1000, "a\x00b"):  # leased, then refused as the single server does
+            with pytest.raises(grpc.RpcError) as want:
+                single.gen.Generate(_greedy(hostile), timeout=60)
+            with pytest.raises(InvalidArgumentError, match="adapter_id") as got:
+                client.generate("x", adapter=hostile, max_new_tokens=2)
+            assert got.value.code == want.value.code(), hostile[:20]
+        assert client.generate("x", adapter="lora", max_new_tokens=2).token_ids  # and serves after
     raw = cluster.channel.unary_stream("/adapterserve.v1.RoutingService/Lease")
     for metadata in (_direct(cluster), (("authorization", f"Bearer {TOKEN}"),)):  # engine application, ingress
         with pytest.raises(grpc.RpcError) as err:
@@ -251,46 +256,28 @@ def test_replica_killed_under_direct_load(cluster):
     """Kill one engine replica while the proxy streams from it directly: every stream ends OK or
     UNAVAILABLE (the proxy's INTERNAL for a lost actor is mapped), the client's Generate OK or
     UNAVAILABLE (after its one retry), nothing hangs; Serve brings the replica back."""
-    from clients.errors import AdapterServeError
-
-    outcomes: list[str] = []
-    lock = threading.Lock()
+    outcomes = Outcomes()
     started = threading.Event()
 
+    @outcomes.recorded
     def stream(i: int) -> None:
         name = AFFINITY_ADAPTERS[i % 4]
         req = make_request("a long answer please", name, max_new_tokens=200, min_new_tokens=200)
-        try:
-            for _ in cluster.gen.GenerateStream(req, metadata=_direct(cluster, name), timeout=90):
-                started.set()
-            result = "OK"
-        except grpc.RpcError as e:
-            result = e.code().name
-        with lock:
-            outcomes.append(result)
+        for _ in cluster.gen.GenerateStream(req, metadata=_direct(cluster, name), timeout=90):
+            started.set()
 
+    @outcomes.recorded
     def unary(i: int) -> None:
-        try:
-            with _client(cluster, timeout=90) as client:
-                client.generate("hi", adapter=AFFINITY_ADAPTERS[i % 4], max_new_tokens=40)
-            result = "OK"
-        except AdapterServeError as e:
-            result = e.code.name
-        with lock:
-            outcomes.append(result)
+        with _client(cluster, timeout=90) as client:
+            client.generate("hi", adapter=AFFINITY_ADAPTERS[i % 4], max_new_tokens=40)
 
+    @outcomes.recorded
     def leased(i: int) -> None:  # lookaside: a stream and a unary call straight to the replica
-        try:
-            with _lookaside(cluster, timeout=90) as client:
-                name = AFFINITY_ADAPTERS[i % 4]
-                for _ in client.stream("a long answer please", adapter=name, max_new_tokens=200, ignore_eos=True):
-                    started.set()
-                client.generate("hi", adapter=name, max_new_tokens=40)
-            result = "OK"
-        except AdapterServeError as e:
-            result = e.code.name
-        with lock:
-            outcomes.append(result)
+        with _lookaside(cluster, timeout=90) as client:
+            name = AFFINITY_ADAPTERS[i % 4]
+            for _ in client.stream("a long answer please", adapter=name, max_new_tokens=200, ignore_eos=True):
+                started.set()
+            client.generate("hi", adapter=name, max_new_tokens=40)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
@@ -302,8 +289,8 @@ def test_replica_killed_under_direct_load(cluster):
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
-    assert len(outcomes) == 12
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert len(outcomes.seen) == 12
+    assert set(outcomes.seen) <= {"OK", "UNAVAILABLE"}, outcomes.seen
     _wait_for_replicas(cluster, 2)
     with _client(cluster, timeout=120) as client:
         for name in AFFINITY_ADAPTERS:

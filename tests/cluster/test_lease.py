@@ -157,8 +157,13 @@ def test_the_replica_port_refuses_what_no_open_lease_covers_and_adapter_admin():
 
                 lora = pb.GenerateRequest(prompt="x", adapter_id="lora")
                 assert await code(lora) == grpc.StatusCode.FAILED_PRECONDITION  # no lease
-                assert await code(lora, ((LEASE_METADATA, "f" * 32),)) == grpc.StatusCode.FAILED_PRECONDITION
                 lease_id = leases.open("lora")
+                for forged in ("f" * 32, "", "x" * 4000, "../" * 10, lease_id[:-1], lease_id.upper()):
+                    got = await code(lora, ((LEASE_METADATA, forged),))
+                    assert got == grpc.StatusCode.FAILED_PRECONDITION, forged[:40]
+                # Past gRPC's metadata limit the transport itself refuses the call.
+                assert await code(lora, ((LEASE_METADATA, "x" * 100_000),)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert leases.adapter_of(lease_id) == "lora" and used == []  # the real lease untouched
                 held = await _held(leases, lease_id)
                 md = ((LEASE_METADATA, lease_id),)
                 other = pb.GenerateRequest(prompt="x", adapter_id="victim")
