@@ -201,6 +201,18 @@ class Outcomes:
         return run
 
 
+def _kill_a_replica_under(threads: list[threading.Thread], started: threading.Event) -> None:
+    """Start `threads`, kill one engine replica once `started` is set, and check that every call ended
+    (none hangs after its replica was killed)."""
+    for t in threads:
+        t.start()
+    assert started.wait(60)
+    ray.kill(_engine_replica_actors()[0], no_restart=True)
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
+
+
 def test_replica_killed_under_load(cluster):
     """Kill one engine replica mid-load: every unary call answers OK or UNAVAILABLE, every stream ends
     with OK or UNAVAILABLE (never a hang), and Serve brings the replica back, serving again."""
@@ -219,14 +231,7 @@ def test_replica_killed_under_load(cluster):
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    assert started.wait(60)
-    victim = _engine_replica_actors()[0]
-    ray.kill(victim, no_restart=True)
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
+    _kill_a_replica_under(threads, started)
     assert len(outcomes.seen) == 8
     assert set(outcomes.seen) <= {"OK", "UNAVAILABLE"}, outcomes.seen
     _wait_for_replicas(cluster, 2)

@@ -29,6 +29,7 @@ from tests.cluster.test_cluster import (
     _engine_replica_actors,
     _get,
     _greedy,
+    _kill_a_replica_under,
     _loads_by_replica,
     _sigterm_with_a_stream_in_flight,
     _wait_for_replicas,
@@ -282,13 +283,7 @@ def test_replica_killed_under_direct_load(cluster):
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=unary, args=(i,)) for i in range(4)]
     threads += [threading.Thread(target=leased, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    assert started.wait(60)
-    ray.kill(_engine_replica_actors()[0], no_restart=True)
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a call hung after its replica was killed"
+    _kill_a_replica_under(threads, started)
     assert len(outcomes.seen) == 12
     assert set(outcomes.seen) <= {"OK", "UNAVAILABLE"}, outcomes.seen
     _wait_for_replicas(cluster, 2)
